@@ -108,6 +108,42 @@ def cmd_report(args) -> int:
     return 0
 
 
+def compare_to_baseline(results_dir: Path, baseline_dir: Path, scale: str, rtol: float, atol: float, tables: list[str] | None = None) -> dict:
+    """Cells present in both folders (same cell id = same table, params, seed and settings) must agree."""
+    from repro.results import load_results
+
+    base = {(r["table"], r["cell_id"]): r for r in load_results(baseline_dir, None, scale) if r.get("status") == "ok"}
+    compared, differing, new, failed = 0, [], [], []
+    for rec in load_results(results_dir, None, scale):
+        if tables and rec["table"] not in tables:
+            continue
+        if rec.get("status") != "ok":
+            failed.append(f"{rec['table']} {rec['cell_id']}: {rec.get('error')}")
+            continue
+        ref = base.get((rec["table"], rec["cell_id"]))
+        if ref is None:
+            new.append(f"{rec['table']} {rec['cell_id']}")
+            continue
+        compared += 1
+        for name, value in ref["metrics"].items():
+            got = rec["metrics"].get(name)
+            if got is None or abs(got - value) > atol + rtol * abs(value):
+                differing.append(f"{rec['table']} {rec['cell_id']} {name}: baseline {value:.6g}, now {got}")
+    return {"compared": compared, "differing": differing, "without_baseline": new, "failed": failed}
+
+
+def cmd_compare(args) -> int:
+    out = compare_to_baseline(args.results, args.baseline, args.scale, args.rtol, args.atol, args.tables or None)
+    if args.json:
+        _print_json(out)
+    else:
+        print(f"{out['compared']} cell(s) compared with {args.baseline} at scale {args.scale} (rtol {args.rtol}); "
+              f"{len(out['differing'])} metric(s) differ, {len(out['without_baseline'])} cell(s) have no baseline, {len(out['failed'])} failed")
+        for line in out["differing"] + [f"FAILED {f}" for f in out["failed"]]:
+            print("  " + line)
+    return 1 if out["differing"] or out["failed"] else 0
+
+
 def cmd_validate(args) -> int:
     from repro.published import load_published, published_ids
     from repro.spec import load_spec, spec_paths
@@ -164,6 +200,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--results", type=Path, default=DEFAULT_RESULTS)
     p.add_argument("--out", type=Path, default=None, help="default: <results>/reports")
     p.set_defaults(func=cmd_report)
+
+    p = sub.add_parser("compare", help="check results against committed baselines (regression guard)")
+    p.add_argument("tables", nargs="*")
+    p.add_argument("--results", type=Path, required=True)
+    p.add_argument("--baseline", type=Path, default=DEFAULT_RESULTS)
+    p.add_argument("--scale", choices=SCALES, default="smoke")
+    p.add_argument("--rtol", type=float, default=0.05, help="relative tolerance (CPU numerics differ slightly across machines)")
+    p.add_argument("--atol", type=float, default=1e-6)
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_compare)
 
     p = sub.add_parser("validate", help="validate spec files (all packaged specs and paper tables by default)")
     p.add_argument("paths", nargs="*")

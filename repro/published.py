@@ -14,7 +14,7 @@ from repro.spec import parse_toml
 PAPER_TABLES_DIR = Path(os.environ.get("REPRO_PAPER_TABLES", Path(__file__).resolve().parent.parent / "paper_tables"))
 
 FILE_KEYS = {"table", "paper", "title", "arxiv", "version", "venue", "notes", "cells", "claims", "caption", "url"}
-CELL_KEYS = {"row", "column", "metric", "value", "direction", "params", "target", "source", "note", "config", "params_count", "nfe"}
+CELL_KEYS = {"row", "column", "metric", "value", "direction", "params", "target", "source", "note", "config", "params_count", "nfe", "paper_nfe"}
 SOURCE_KEYS = {"arxiv", "version", "venue", "table", "row", "column", "section", "figure", "page", "note", "confirmation"}
 CLAIM_KEYS = {"id", "text", "source", "confirmation", "note"}
 
