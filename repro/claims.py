@@ -10,8 +10,9 @@ from __future__ import annotations
 import ast
 import math
 import operator
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any
 
 import pandas as pd
 
@@ -182,8 +183,7 @@ def check_ends_extreme(df: pd.DataFrame, claim: dict) -> Verdict:
         first, last = pts[0][1], pts[-1][1]
         interior = [y for _, y in pts[1:-1]]
         bound = (min(interior) if want_min else max(interior)) if strict else sum(interior) / len(interior)
-        better = (lambda v: v < bound) if want_min else (lambda v: v > bound)
-        ok = better(first) and better(last)
+        ok = (max(first, last) < bound) if want_min else (min(first, last) > bound)
         what = ("every" if strict else "the mean of the") + " interior value" + ("" if strict else "s")
         detail = f"{metric}: first {_fmt(first)}, last {_fmt(last)}, {what} {_fmt(bound)} ({'lower' if want_min else 'higher'} is the extreme)"
         verdicts.append((label, Verdict(HOLDS if ok else FAILS, detail)))

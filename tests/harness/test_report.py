@@ -62,8 +62,6 @@ source = { table = "Table 1" }
 
 def fake_results(spec, results_dir, scale, values):
     """Write result files by hand: values[(offset, seed)] = mean."""
-    for cell in spec.cells(scale) if scale in spec.scales else []:
-        pass
     for (offset, seed), mean in values.items():
         from repro.spec import Cell
 
