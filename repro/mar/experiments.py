@@ -47,15 +47,32 @@ def plan_mar(cell) -> dict:
     return {"samples": images * generations, "ar_steps": steps, "head_ddpm_steps_per_token": ddpm, "est_seconds": round(est)}
 
 
+def required_files(cell) -> dict[str, str]:
+    """The checkpoint, tokenizer and reference-statistics paths one cell needs, resolved from the spec's
+    settings: top level, per model (``settings.models[model]``) or per tokenizer (``settings.tokenizers``)."""
+    s, p = cell.settings, cell.params
+    files: dict[str, str] = {}
+    model = s.get("models", {}).get(p.get("model"), {}) if "model" in p else {}
+    if model.get("checkpoint"):
+        files["checkpoint"] = model["checkpoint"]
+    elif s.get("checkpoint"):
+        files["checkpoint"] = s["checkpoint"]
+    elif s.get("checkpoint_template"):
+        files["checkpoint"] = s["checkpoint_template"].format(**p)
+    tokenizer_id = p.get("tokenizer") or s.get("tokenizer_by_loss", {}).get(p.get("loss", ""))
+    tokenizer = s.get("tokenizers", {}).get(tokenizer_id, {}) if tokenizer_id else {}
+    if tokenizer.get("vae"):
+        files["vae"] = tokenizer["vae"]
+    elif model.get("vae") or s.get("vae"):
+        files["vae"] = model.get("vae") or s["vae"]
+    if model.get("fid_stats") or s.get("fid_stats"):
+        files["fid_stats"] = model.get("fid_stats") or s["fid_stats"]
+    return files
+
+
 @register_kind("mar.generate_fid", plan=plan_mar, description="MAR generation + FID/IS against ADM statistics (not implemented yet)")
 def run_mar(cell, ctx) -> dict:
-    missing = []
-    for key in ("checkpoint", "vae", "fid_stats"):
-        value = cell.settings.get(key)
-        if value is None and key == "checkpoint" and "checkpoint_template" in cell.settings:
-            value = cell.settings["checkpoint_template"].format(**cell.params)
-        if value and not Path(value).exists():
-            missing.append(f"{key}: {value} is missing; download {DOWNLOADS[key]}")
+    missing = [f"{key}: {value} is missing; download {DOWNLOADS[key]}" for key, value in required_files(cell).items() if not Path(value).exists()]
     if missing:
         raise MissingResource("; ".join(missing))
     raise ReproError(
