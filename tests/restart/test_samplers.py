@@ -380,3 +380,13 @@ def test_counting_denoiser_counts_batched_calls():
     assert counter.nfe == 35
     counter.reset()
     assert counter.nfe == 0
+
+
+def test_restart_main_churn_is_edm_churn():
+    # With no restart passes and a churn window covering every step, Restart's main loop is EDM Alg. 2 exactly.
+    gm = MIXTURE_3D
+    x = torch.randn(16, 3, generator=torch.Generator().manual_seed(0), dtype=torch.float64) * 80
+    sigmas = edm_sigmas(18)
+    edm = sample_edm_sde(gm, x, sigmas, noise=GlobalNoise(4), s_churn=20.0, s_noise=1.003)
+    restart = sample_restart(gm, x, sigmas, noise=GlobalNoise(4), restart=[], s_churn=20.0, s_min=0.0, s_max=float("inf"), s_noise=1.003)
+    torch.testing.assert_close(restart, edm, rtol=1e-12, atol=1e-12)
