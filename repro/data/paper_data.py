@@ -20,8 +20,9 @@ from __future__ import annotations
 import os
 import pickle
 import tarfile
+from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any
 
 import numpy as np
 import torch
@@ -91,7 +92,9 @@ def read_image_folder(folder: Path, size: int | None = None, limit: int | None =
 
     classes = sorted(p.name for p in folder.iterdir() if p.is_dir())
     if classes:
-        files = [(f, label) for label, c in enumerate(classes) for f in sorted((folder / c).rglob("*")) if f.suffix.lower() in IMAGE_EXTENSIONS]
+        files = [
+            (f, label) for label, c in enumerate(classes) for f in sorted((folder / c).rglob("*")) if f.suffix.lower() in IMAGE_EXTENSIONS
+        ]
     else:
         files = [(f, -1) for f in sorted(folder.iterdir()) if f.suffix.lower() in IMAGE_EXTENSIONS]
     if limit is not None:
@@ -231,5 +234,3 @@ def save_image_folder(images: torch.Tensor, folder: str | Path, prefix: str = ""
         pil.save(path, format="PNG")
         paths.append(path)
     return paths
-
-

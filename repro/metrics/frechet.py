@@ -36,7 +36,7 @@ def trace_sqrt_product(sigma1: np.ndarray, sigma2: np.ndarray, method: str = "sq
         covmean = scipy.linalg.sqrtm(product)
         if not np.isfinite(covmean).all():
             # A singular product (fewer samples than dimensions) can make sqrtm fail; regularise like clean-fid.
-            warnings.warn(f"singular covariance product in Fréchet distance; adding {eps} to the diagonals")
+            warnings.warn(f"singular covariance product in Fréchet distance; adding {eps} to the diagonals", stacklevel=3)
             offset = np.eye(sigma1.shape[0]) * eps
             covmean = scipy.linalg.sqrtm((sigma1 + offset) @ (sigma2 + offset))
         if np.iscomplexobj(covmean):

@@ -13,13 +13,24 @@ Backends (record the one used; :func:`metrics_provenance` says which code comput
 - ``"clean-fid"``: FID and KID by clean-fid (``frechet_distance`` with sqrtm, ``kernel_distance``); clean-fid has
   no IS or precision/recall, so those come from torch-fidelity.
 
+Typical use in a kind::
+
+    ref = load_reference_stats(settings["fid_ref"])                      # or {"pool": reference features}
+    feats = ctx.sharded("features", n_items=n, shard_size=500,
+                        fn=lambda idx: extract(sample_images(idx), "inception-fid-helper", ctx.device))
+    values = metrics_from_features(feats, ref, metrics=["fid"], backend="repro")
+    ctx.record_extra("metrics_provenance", metrics_provenance("inception-fid-helper", "repro", ref))
+
+(for the MNIST classifier pass ``cache_dir=ctx.cache_dir`` to ``extract`` so the trained net is reused).
+
 Features always come from this project's extractors (:mod:`repro.metrics.extractors`), so the backend only
 changes the metric arithmetic, never the network or the resize.
 """
 
 from __future__ import annotations
 
-from typing import Any, Mapping, Sequence
+from collections.abc import Mapping, Sequence
+from typing import Any
 
 import numpy as np
 import torch
@@ -57,9 +68,7 @@ IMPLEMENTATIONS = {
 }
 
 
-def extract(
-    images_uint8: torch.Tensor, extractor: str, device: torch.device | str = "cpu", **options: Any
-) -> dict[str, np.ndarray]:
+def extract(images_uint8: torch.Tensor, extractor: str, device: torch.device | str = "cpu", **options: Any) -> dict[str, np.ndarray]:
     """Features of uint8 images ``[N, C, H, W]`` (or ``[N, H, W]``): ``{"pool": [N, D]}`` plus ``"logits"``
     when the network has a classifier head. float32 numpy arrays, rows in input order."""
     net = get_extractor(extractor, device=device, **options)
@@ -81,6 +90,18 @@ def reference_stats_from_images(
     for start in tqdm(range(0, len(images), batch_size), desc=f"ref stats ({extractor})", disable=not progress):
         chunks.append(extract(images[start : start + batch_size], extractor, device, **options)["pool"])
     return RefStats.from_features(np.concatenate(chunks), source=f"images(n={len(images)})", extractor=extractor)
+
+
+def reference_features(
+    ref: RefStats, extractor: str, device: torch.device | str = "cpu", batch_size: int = 100, **options: Any
+) -> dict[str, np.ndarray]:
+    """Features of the images stored with a reference (ADM batches keep 10,000 of them, for KID and
+    precision/recall); load the file with ``load_reference_stats(path, keep_images=True)``."""
+    if ref.images is None:
+        raise ValueError(f"reference {ref.source!r} has no images; load it with keep_images=True (ADM batches hold arr_0)")
+    images = torch.from_numpy(np.ascontiguousarray(ref.images)).permute(0, 3, 1, 2)
+    parts = [extract(images[i : i + batch_size], extractor, device, **options) for i in range(0, len(images), batch_size)]
+    return {key: np.concatenate([p[key] for p in parts]) for key in parts[0]}
 
 
 def _tensor(x: np.ndarray) -> torch.Tensor:
@@ -111,13 +132,17 @@ def _kid(feats: np.ndarray, ref_feats: np.ndarray, backend: str, subsets: int, s
         state = np.random.get_state()
         np.random.seed(rng_seed)
         try:
-            value = kernel_distance(feats.astype(np.float64), ref_feats.astype(np.float64), num_subsets=subsets, max_subset_size=subset_size)
+            value = kernel_distance(
+                feats.astype(np.float64), ref_feats.astype(np.float64), num_subsets=subsets, max_subset_size=subset_size
+            )
         finally:
             np.random.set_state(state)
         return float(value), float("nan")
     from torch_fidelity.metric_kid import KEY_METRIC_KID_MEAN, KEY_METRIC_KID_STD, kid_features_to_metric
 
-    out = kid_features_to_metric(_tensor(feats), _tensor(ref_feats), kid_subsets=subsets, kid_subset_size=subset_size, rng_seed=rng_seed, verbose=False)
+    out = kid_features_to_metric(
+        _tensor(feats), _tensor(ref_feats), kid_subsets=subsets, kid_subset_size=subset_size, rng_seed=rng_seed, verbose=False
+    )
     return float(out[KEY_METRIC_KID_MEAN]), float(out[KEY_METRIC_KID_STD])
 
 
@@ -168,7 +193,9 @@ def metrics_from_features(
             if name not in available:
                 raise ValueError(f"unknown metric '{name}' (choose from {ALL_METRICS})")
             if not available[name]:
-                need = {"fid": "reference stats or features", "is": "logits (an extractor with a classifier head)"}.get(name, "reference features")
+                need = {"fid": "reference stats or features", "is": "logits (an extractor with a classifier head)"}.get(
+                    name, "reference features"
+                )
                 raise ValueError(f"metric '{name}' needs {need}")
 
     out: dict[str, float] = {}

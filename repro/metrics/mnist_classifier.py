@@ -38,6 +38,7 @@ class ClassifierConfig:
     width: int = 32  # channels of the first conv; the second has 2x
     feature_dim: int = 128  # penultimate features used for FID/KID/PR
     train_limit: int | None = None  # use only the first N training images (tests)
+    test_limit: int | None = None  # report accuracy on the first N test images only (tests)
     version: int = CLASSIFIER_FORMAT_VERSION
 
     def key(self) -> str:
@@ -127,10 +128,13 @@ def train_classifier(config: ClassifierConfig, device: torch.device | str = "cpu
     bar.close()
     train_seconds = time.perf_counter() - start
     test_images, test_labels = load_mnist("test", config.variant)
+    if config.test_limit is not None:
+        test_images, test_labels = test_images[: config.test_limit], test_labels[: config.test_limit]
     info = {
         "test_accuracy": evaluate_accuracy(model, test_images, test_labels),
         "train_seconds": train_seconds,
         "train_images": len(images),
+        "test_images": len(test_images),
         "config": asdict(config),
         "config_key": config.key(),
         "torch": torch.__version__,
@@ -148,7 +152,10 @@ def classifier_path(config: ClassifierConfig, cache_dir: str | Path | None = Non
 
 
 def load_or_train_classifier(
-    config: ClassifierConfig = ClassifierConfig(), cache_dir: str | Path | None = None, device: torch.device | str = "cpu", progress: bool = True
+    config: ClassifierConfig = ClassifierConfig(),
+    cache_dir: str | Path | None = None,
+    device: torch.device | str = "cpu",
+    progress: bool = True,
 ) -> tuple[MnistClassifier, dict]:
     """The cached model for ``config`` (training and saving it atomically on first use) and its info dict."""
     path = classifier_path(config, cache_dir)

@@ -60,7 +60,7 @@ class RefStats:
             raise ValueError(f"sigma must be {d}x{d} to match mu, got {self.sigma.shape}")
 
     @classmethod
-    def from_features(cls, features: np.ndarray, source: str = "", extractor: str | None = None) -> "RefStats":
+    def from_features(cls, features: np.ndarray, source: str = "", extractor: str | None = None) -> RefStats:
         mu, sigma = feature_statistics(features)
         return cls(mu=mu, sigma=sigma, n=int(len(features)), source=source, extractor=extractor)
 
@@ -105,9 +105,7 @@ def load_reference_stats(
         if {"mu", "sigma"} <= keys:
             n = int(npz["n"]) if "n" in keys and int(npz["n"]) >= 0 else None
             stored_extractor = str(npz["extractor"]) if "extractor" in keys and str(npz["extractor"]) else None
-            return RefStats(
-                mu=npz["mu"], sigma=npz["sigma"], n=n, source=f"npz:{path}", extractor=stored_extractor, images=images
-            )
+            return RefStats(mu=npz["mu"], sigma=npz["sigma"], n=n, source=f"npz:{path}", extractor=stored_extractor, images=images)
     if images is None:
         raise ValueError(f"{path}: expected keys mu/sigma or arr_0 (images), found {sorted(keys)}")
     if extractor is None:

@@ -3,17 +3,17 @@
 import pytest
 import torch
 
-from repro.data.mnist import load_mnist, to_model_range, from_model_range
+from repro.data.mnist import from_model_range, load_mnist, to_model_range
 from repro.metrics.mnist_classifier import ClassifierConfig, classifier_path, load_or_train_classifier, prepare_input
 
-TINY = dict(train_limit=1500, epochs=1, batch_size=64, lr=3e-3)
+TINY = dict(train_limit=3000, epochs=1, width=8, batch_size=32, lr=3e-3, test_limit=2000)
 
 
 def test_tiny_training_is_accurate_cached_and_seeded(tmp_path):
     config = ClassifierConfig(**TINY)
     model, info = load_or_train_classifier(config, cache_dir=tmp_path, progress=False)
-    # 1500 images, one epoch: far from the 98.6% of the default config but well above chance.
-    assert info["test_accuracy"] > 0.85, info
+    # 3000 images, one epoch, 8 channels: far from the 98.6% of the default config but well above chance.
+    assert info["test_accuracy"] > 0.75, info
     assert classifier_path(config, tmp_path).is_file()
     again, info2 = load_or_train_classifier(config, cache_dir=tmp_path, progress=False)
     assert info2["train_seconds"] == info["train_seconds"]  # loaded, not retrained

@@ -28,6 +28,13 @@ def test_adm_batch_with_stats_and_images_keeps_stored_stats(tmp_path):
     np.testing.assert_array_equal(stats.mu, np.ones(4))
     np.testing.assert_array_equal(stats.images, images)
     assert load_reference_stats(tmp_path / "VIRTUAL_tiny.npz").images is None
+    from repro.metrics.image_metrics import reference_features
+
+    options = {"cache_dir": tmp_path / "cache", "train_limit": 1000, "epochs": 1, "width": 8, "test_limit": 500}
+    feats = reference_features(stats, "mnist-classifier", batch_size=2, **options)
+    assert feats["pool"].shape == (3, 128) and feats["logits"].shape == (3, 10)
+    with pytest.raises(ValueError, match="keep_images"):
+        reference_features(load_reference_stats(tmp_path / "VIRTUAL_tiny.npz"), "mnist-classifier", **options)
 
 
 def test_images_only_npz_computes_stats_with_named_extractor(tmp_path):
@@ -41,7 +48,7 @@ def test_images_only_npz_computes_stats_with_named_extractor(tmp_path):
     np.savez(tmp_path / "images_only.npz", arr_0=batch)
     with pytest.raises(ValueError, match="extractor"):
         load_reference_stats(tmp_path / "images_only.npz")
-    options = {"cache_dir": tmp_path / "cache", "train_limit": 500, "epochs": 1}
+    options = {"cache_dir": tmp_path / "cache", "train_limit": 1000, "epochs": 1, "width": 8, "test_limit": 500}
     stats = load_reference_stats(tmp_path / "images_only.npz", extractor="mnist-classifier", batch_size=16, **options)
     feats = extract(torch.from_numpy(batch).permute(0, 3, 1, 2), "mnist-classifier", **options)["pool"].astype(np.float64)
     np.testing.assert_allclose(stats.mu, feats.mean(0), rtol=1e-6, atol=1e-6)
