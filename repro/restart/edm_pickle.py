@@ -40,7 +40,7 @@ import torch
 from torch import nn
 
 from repro.errors import MissingResource, ReproError
-from repro.restart.networks import build_network, count_parameters
+from repro.restart.networks import build_network, count_parameters, skip_weight_init
 
 __all__ = [
     "UnsafePickleError", "PersistentObject", "ModuleRecord", "load_edm_pickle", "read_edm_pickle",
@@ -71,7 +71,7 @@ class _StandIn:
     class_name: str
     state: dict[str, Any]
 
-    def children(self) -> dict[str, "_StandIn"]:
+    def children(self) -> dict[str, _StandIn]:
         modules = self.state.get("_modules") or {}
         return {name: child for name, child in modules.items() if child is not None}
 
@@ -152,13 +152,31 @@ def _set_plain_state(obj: Any, state: Any) -> Any:
         state = {**(state[0] or {}), **(state[1] or {})}
     if not isinstance(state, dict) or not all(isinstance(key, str) for key in state):
         raise UnsafePickleError(f"unsupported tensor state of type {type(state).__name__}")
+    if any(key.startswith("__") for key in state):  # e.g. __class__ / __torch_function__ would change behaviour
+        raise UnsafePickleError(f"refusing tensor state with special attributes {sorted(state)}")
     for key, value in state.items():
         setattr(obj, key, value)
     return obj
 
 
+def _no_hooks(backward_hooks: Any) -> Any:
+    # Hooks are callables attached to tensors; a network checkpoint has none, so any hook is refused.
+    if backward_hooks:
+        raise UnsafePickleError("refusing a tensor that carries backward hooks")
+    return backward_hooks
+
+
+def _rebuild_tensor_v2(storage, storage_offset, size, stride, requires_grad, backward_hooks, *metadata):
+    return torch._utils._rebuild_tensor_v2(storage, storage_offset, size, stride, requires_grad,
+                                           _no_hooks(backward_hooks), *metadata)
+
+
+def _rebuild_parameter(data, requires_grad, backward_hooks):
+    return torch._utils._rebuild_parameter(data, requires_grad, _no_hooks(backward_hooks))
+
+
 def _rebuild_parameter_with_state(data, requires_grad, backward_hooks, state):
-    param = torch._utils._rebuild_parameter(data, requires_grad, backward_hooks)
+    param = torch._utils._rebuild_parameter(data, requires_grad, _no_hooks(backward_hooks))
     return _set_plain_state(param, state)
 
 
@@ -187,6 +205,13 @@ def _numpy_reconstruct(subtype, shape, dtype_code):
     return np.ndarray.__new__(np.ndarray, shape, dtype_code)
 
 
+def _latin1_bytes(text: str, encoding: str = "latin1") -> bytes:
+    # Protocol 2 writes bytes objects as _codecs.encode(str, 'latin1').
+    if not isinstance(text, str) or encoding not in ("latin1", "latin-1"):
+        raise UnsafePickleError(f"refusing _codecs.encode with encoding {encoding!r}")
+    return text.encode("latin1")
+
+
 def _copyreg_reconstructor(cls, base, state):
     # Protocol 0/1 spelling of "make an empty instance"; only our inert record classes may be made this way.
     if not (isinstance(cls, type) and issubclass(cls, ModuleRecord)) or base is not object or state is not None:
@@ -194,16 +219,14 @@ def _copyreg_reconstructor(cls, base, state):
     return cls.__new__(cls)
 
 
-_TENSOR_REBUILDERS = {torch._utils._rebuild_tensor, torch._utils._rebuild_tensor_v2,
-                      torch._utils._rebuild_parameter, _rebuild_parameter_with_state}
-if hasattr(torch._utils, "_rebuild_tensor_v3"):
-    _TENSOR_REBUILDERS.add(torch._utils._rebuild_tensor_v3)
+_TENSOR_REBUILDERS = {torch._utils._rebuild_tensor, _rebuild_tensor_v2, _rebuild_parameter,
+                      _rebuild_parameter_with_state}
 
 _ALLOWED_GLOBALS: dict[str, Any] = {
     # Tensors (outer pickle); storages are nested torch.save blobs opened weights-only.
     "torch._utils._rebuild_tensor": torch._utils._rebuild_tensor,
-    "torch._utils._rebuild_tensor_v2": torch._utils._rebuild_tensor_v2,
-    "torch._utils._rebuild_parameter": torch._utils._rebuild_parameter,
+    "torch._utils._rebuild_tensor_v2": _rebuild_tensor_v2,
+    "torch._utils._rebuild_parameter": _rebuild_parameter,
     "torch._utils._rebuild_parameter_with_state": _rebuild_parameter_with_state,
     "torch._tensor._rebuild_from_type_v2": _rebuild_from_type_v2,
     "torch.storage._load_from_bytes": _load_storage_from_bytes,
@@ -220,6 +243,7 @@ _ALLOWED_GLOBALS: dict[str, Any] = {
     "builtins.bytearray": bytearray,
     "builtins.complex": complex,
     "copyreg._reconstructor": _copyreg_reconstructor,
+    "_codecs.encode": _latin1_bytes,
     # numpy scalars (e.g. EDM's skip_scale = np.sqrt(0.5)) and arrays.
     "numpy.dtype": np.dtype,
     "numpy.ndarray": np.ndarray,
@@ -228,8 +252,9 @@ _ALLOWED_GLOBALS: dict[str, Any] = {
     "numpy.core.multiarray._reconstruct": _numpy_reconstruct,
     "numpy._core.multiarray._reconstruct": _numpy_reconstruct,
 }
-if hasattr(torch._utils, "_rebuild_tensor_v3"):
-    _ALLOWED_GLOBALS["torch._utils._rebuild_tensor_v3"] = torch._utils._rebuild_tensor_v3
+
+
+_PYTHON2_MODULE_NAMES = {"__builtin__": "builtins", "copy_reg": "copyreg"}
 
 
 class _RestrictedUnpickler(pickle.Unpickler):
@@ -238,6 +263,8 @@ class _RestrictedUnpickler(pickle.Unpickler):
         self.source = source
 
     def find_class(self, module: str, name: str) -> Any:
+        # Protocols 0-2 spell some modules the Python 2 way; pickle's own find_class renames them, ours must too.
+        module = _PYTHON2_MODULE_NAMES.get(module, module)
         qualified = f"{module}.{name}"
         if qualified in _ALLOWED_GLOBALS:
             return _ALLOWED_GLOBALS[qualified]
@@ -287,7 +314,8 @@ def read_edm_pickle(path: str | os.PathLike) -> Any:
             return _RestrictedUnpickler(handle, source=str(path)).load()
         except UnsafePickleError:
             raise
-        except (pickle.UnpicklingError, EOFError, AttributeError, TypeError, ValueError) as err:
+        except (pickle.UnpicklingError, EOFError, AttributeError, TypeError, ValueError, KeyError, IndexError,
+                RuntimeError) as err:
             raise UnsafePickleError(f"could not read {path} as an EDM pickle: {type(err).__name__}: {err}") from None
 
 
@@ -348,7 +376,8 @@ def rebuild_network(record: PersistentObject, where: str = "ema") -> nn.Module:
     if init_args or not isinstance(init_kwargs, dict):
         raise UnsafePickleError(f"{where} ({record.class_name}) records no keyword-only constructor arguments; "
                                 "cannot rebuild it")
-    net = build_network(record.class_name, init_kwargs)
+    with skip_weight_init():  # every tensor is overwritten below (strict=True guarantees it)
+        net = build_network(record.class_name, init_kwargs)
     problems: list[str] = []
     _check_structure(record, net, where, problems)
     if problems:
@@ -465,7 +494,8 @@ def load_state_dict_checkpoint(path: str | os.PathLike, map_location: str | torc
             raise ReproError(f"{path} was not written by save_state_dict_checkpoint")
         class_name, init_kwargs = payload["class_name"], payload["init_kwargs"]
         state, extra = payload["state_dict"], payload.get("extra", {})
-    net = build_network(class_name, init_kwargs)
+    with skip_weight_init():
+        net = build_network(class_name, init_kwargs)
     net.load_state_dict(state, strict=True)
     net = net.eval().requires_grad_(False)
     meta = dict(path=str(path), sha256=file_sha256(path), class_name=class_name, init_kwargs=init_kwargs,

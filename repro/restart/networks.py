@@ -9,9 +9,16 @@ EDM (Karras et al. 2022, github.com/NVlabs/edm, ``training/networks.py``) stores
 
 Compatibility contract: constructor keyword arguments, sub-module names (hence ``state_dict()`` keys), the order of
 the encoder/decoder ``ModuleDict`` entries, and the arithmetic of every forward pass follow EDM, so that the tensors
-of an EDM pickle load with ``load_state_dict(strict=True)`` and give the same outputs (checked side by side against
-EDM's own classes; see ``docs``/report of the loader). Weight *initialisation* is only meant to be sensible, since
-every real use loads trained weights.
+of an EDM pickle load with ``load_state_dict(strict=True)`` and give the same outputs. Weight *initialisation* is
+only meant to be sensible (it does not reproduce EDM's random streams), since every real use loads trained weights.
+
+Verification (side by side with EDM commit 008a4e5, kept outside the repo because EDM is CC BY-NC-SA; rerun it with
+``REPRO_EDM_SRC=<edm checkout> pytest tests/restart/test_edm_pickle.py``): EDM networks with every parameter
+randomised, pickled by EDM's own persistence and loaded by ``load_edm_pickle``, give bit-identical outputs (max
+abs difference 0.0) for EDMPrecond/VPPrecond + DDPM++ CIFAR-10 (55,733,891 parameters, 425 tensors),
+EDMPrecond + ADM ImageNet-64 (295,899,267 parameters, 553 tensors), VEPrecond + NCSN++, skip encoder/decoder and
+iDDPMPrecond + ADM (small configs). Not yet checked against the released checkpoint files themselves, nor with
+fp16 on CUDA.
 
 Use :func:`build_network` to construct a network from the class name and ``init_kwargs`` found in an EDM pickle,
 and :func:`repro.restart.edm_pickle.load_edm_pickle` to load the pickle itself without running its embedded code.
@@ -19,8 +26,11 @@ and :func:`repro.restart.edm_pickle.load_edm_pickle` to load the pickle itself w
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import copy
 import math
+from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
@@ -33,7 +43,7 @@ from repro.errors import UnknownName
 __all__ = [
     "Linear", "Conv2d", "GroupNorm", "UNetBlock", "PositionalEmbedding", "FourierEmbedding",
     "SongUNet", "DhariwalUNet", "VPPrecond", "VEPrecond", "iDDPMPrecond", "EDMPrecond",
-    "NETWORK_CLASSES", "build_network", "count_parameters",
+    "NETWORK_CLASSES", "build_network", "count_parameters", "skip_weight_init",
     "tiny_songunet_kwargs", "tiny_dhariwal_kwargs", "tiny_precond_kwargs", "tiny_config",
     "cifar10_ddpmpp_kwargs", "imagenet64_adm_kwargs",
 ]
@@ -43,8 +53,24 @@ __all__ = [
 # Layers
 
 
+_skip_random_init: contextvars.ContextVar[bool] = contextvars.ContextVar("skip_random_init", default=False)
+
+
+@contextlib.contextmanager
+def skip_weight_init():
+    """Build networks with all-zero weights, for when every tensor is overwritten by a checkpoint right after
+    (random init of the 296M-parameter ImageNet model costs tens of seconds on a CPU)."""
+    token = _skip_random_init.set(True)
+    try:
+        yield
+    finally:
+        _skip_random_init.reset(token)
+
+
 def _initial_values(shape: list[int], mode: str, fan_in: int, fan_out: int) -> torch.Tensor:
     """Random initial values; ``mode`` names one of the four schemes EDM's constructors ask for."""
+    if _skip_random_init.get():
+        return torch.zeros(shape)
     uniform = torch.rand(*shape) * 2 - 1  # U(-1, 1)
     if mode == "xavier_uniform":
         return uniform * math.sqrt(6 / (fan_in + fan_out))
@@ -84,7 +110,7 @@ class Conv2d(nn.Module):
     """
 
     def __init__(self, in_channels: int, out_channels: int, kernel: int, bias: bool = True, up: bool = False,
-                 down: bool = False, resample_filter: list[float] = [1, 1], fused_resample: bool = False,
+                 down: bool = False, resample_filter: Sequence[float] = (1, 1), fused_resample: bool = False,
                  init_mode: str = "kaiming_normal", init_weight: float = 1, init_bias: float = 0):
         if up and down:
             raise ValueError("Conv2d cannot both upsample and downsample")
@@ -168,9 +194,11 @@ class UNetBlock(nn.Module):
 
     def __init__(self, in_channels: int, out_channels: int, emb_channels: int, up: bool = False, down: bool = False,
                  attention: bool = False, num_heads: int | None = None, channels_per_head: int = 64,
-                 dropout: float = 0, skip_scale: float = 1, eps: float = 1e-5, resample_filter: list[float] = [1, 1],
-                 resample_proj: bool = False, adaptive_scale: bool = True, init: dict = dict(),
-                 init_zero: dict = dict(init_weight=0), init_attn: dict | None = None):
+                 dropout: float = 0, skip_scale: float = 1, eps: float = 1e-5,
+                 resample_filter: Sequence[float] = (1, 1), resample_proj: bool = False, adaptive_scale: bool = True,
+                 init: dict | None = None, init_zero: dict | None = None, init_attn: dict | None = None):
+        init = {} if init is None else init
+        init_zero = dict(init_weight=0) if init_zero is None else init_zero
         super().__init__()
         self.in_channels = in_channels
         self.out_channels = out_channels
@@ -272,11 +300,11 @@ class SongUNet(nn.Module):
     in EDM's formulation."""
 
     def __init__(self, img_resolution: int, in_channels: int, out_channels: int, label_dim: int = 0,
-                 augment_dim: int = 0, model_channels: int = 128, channel_mult: list[int] = [1, 2, 2, 2],
-                 channel_mult_emb: int = 4, num_blocks: int = 4, attn_resolutions: list[int] = [16],
+                 augment_dim: int = 0, model_channels: int = 128, channel_mult: Sequence[int] = (1, 2, 2, 2),
+                 channel_mult_emb: int = 4, num_blocks: int = 4, attn_resolutions: Sequence[int] = (16,),
                  dropout: float = 0.10, label_dropout: float = 0, embedding_type: str = "positional",
                  channel_mult_noise: int = 1, encoder_type: str = "standard", decoder_type: str = "standard",
-                 resample_filter: list[int] = [1, 1]):
+                 resample_filter: Sequence[int] = (1, 1)):
         if embedding_type not in ("fourier", "positional"):
             raise ValueError(f"embedding_type must be 'fourier' or 'positional', got {embedding_type!r}")
         if encoder_type not in ("standard", "skip", "residual"):
@@ -284,6 +312,7 @@ class SongUNet(nn.Module):
         if decoder_type not in ("standard", "skip"):
             raise ValueError(f"decoder_type must be 'standard' or 'skip', got {decoder_type!r}")
         super().__init__()
+        channel_mult, attn_resolutions, resample_filter = list(channel_mult), list(attn_resolutions), list(resample_filter)
         self.init_kwargs = copy.deepcopy(dict(
             img_resolution=img_resolution, in_channels=in_channels, out_channels=out_channels, label_dim=label_dim,
             augment_dim=augment_dim, model_channels=model_channels, channel_mult=channel_mult,
@@ -415,10 +444,11 @@ class DhariwalUNet(nn.Module):
     """ADM U-Net of Dhariwal & Nichol (2021), in EDM's formulation (ImageNet-64 model)."""
 
     def __init__(self, img_resolution: int, in_channels: int, out_channels: int, label_dim: int = 0,
-                 augment_dim: int = 0, model_channels: int = 192, channel_mult: list[int] = [1, 2, 3, 4],
-                 channel_mult_emb: int = 4, num_blocks: int = 3, attn_resolutions: list[int] = [32, 16, 8],
+                 augment_dim: int = 0, model_channels: int = 192, channel_mult: Sequence[int] = (1, 2, 3, 4),
+                 channel_mult_emb: int = 4, num_blocks: int = 3, attn_resolutions: Sequence[int] = (32, 16, 8),
                  dropout: float = 0.10, label_dropout: float = 0):
         super().__init__()
+        channel_mult, attn_resolutions = list(channel_mult), list(attn_resolutions)
         self.init_kwargs = copy.deepcopy(dict(
             img_resolution=img_resolution, in_channels=in_channels, out_channels=out_channels, label_dim=label_dim,
             augment_dim=augment_dim, model_channels=model_channels, channel_mult=channel_mult,
