@@ -40,8 +40,8 @@ Dictionary: the true one when known (synthetic "oracle" mode), otherwise learned
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Callable
 
 import torch
 from torch import Tensor

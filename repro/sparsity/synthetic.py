@@ -96,15 +96,15 @@ def make_control(kind: str, X: Tensor, seed: int = 0) -> Tensor:
     n, d = X.shape
     if kind == "gaussian_matched":
         mean, root = _mean_and_colouring(X)
-        Z = torch.randn(n, d, generator=generator, dtype=torch.float64)
+        Z = torch.randn(n, d, generator=generator, dtype=torch.float64).to(X.device)
         return (mean + Z @ root).to(X.dtype)
     if kind == "uniform_matched":
         mean, root = _mean_and_colouring(X)
-        Z = (torch.rand(n, d, generator=generator, dtype=torch.float64) - 0.5) * math.sqrt(12.0)
+        Z = ((torch.rand(n, d, generator=generator, dtype=torch.float64) - 0.5) * math.sqrt(12.0)).to(X.device)
         return (mean + Z @ root).to(X.dtype)
     if kind == "laplace_dense":
         mean, root = _mean_and_colouring(X)
-        u = torch.rand(n, d, generator=generator, dtype=torch.float64) - 0.5
+        u = (torch.rand(n, d, generator=generator, dtype=torch.float64) - 0.5).to(X.device)
         # Inverse CDF of the Laplace law with scale 1/sqrt(2), i.e. unit variance.
         Z = -torch.sign(u) * torch.log1p(-2.0 * u.abs().clamp(max=0.5 - 1e-12)) / math.sqrt(2.0)
         return (mean + Z @ root).to(X.dtype)
