@@ -113,7 +113,7 @@ def check_compare(df: pd.DataFrame, claim: dict) -> Verdict:
                 continue
             shifted = b - margin if op in ("<", "<=") else b + margin
             ok = OPS[op](a, shifted)
-            verdicts.append((name, Verdict(HOLDS if ok else FAILS, f"{metric} {_fmt(a)} {op} {_fmt(b)}")))
+            verdicts.append((name, Verdict(HOLDS if ok else FAILS, f"{metric} {_fmt(a)} {op} {_fmt(b)}" + ("" if ok else " is false"))))
     return combine(verdicts)
 
 

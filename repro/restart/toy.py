@@ -30,10 +30,10 @@ What the paper leaves open and this module chooses (RECONSTRUCTION, documented h
 
 from __future__ import annotations
 
-import itertools
 import math
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
-from typing import Any, Callable, Iterable, Mapping
+from typing import Any
 
 import numpy as np
 import torch
@@ -270,7 +270,13 @@ def sde_solve(den: CountedDenoiser, x: torch.Tensor, times: list[float], beta: f
 
 
 def improved_sde_solve(
-    den: CountedDenoiser, x: torch.Tensor, times: list[float], s_churn: float, generator: torch.Generator, s_noise: float = 1.0, solver: str = "euler"
+    den: CountedDenoiser,
+    x: torch.Tensor,
+    times: list[float],
+    s_churn: float,
+    generator: torch.Generator,
+    s_noise: float = 1.0,
+    solver: str = "euler",
 ) -> torch.Tensor:
     """EDM Alg. 2 churn on every step of ``times`` (S_min = 0, S_max = ∞ within the interval)."""
     steps = len(times) - 1
@@ -284,7 +290,14 @@ def improved_sde_solve(
 
 
 def restart_solve(
-    den: CountedDenoiser, x: torch.Tensor, t_max: float, t_min: float, n_restart: int, k: int, generator: torch.Generator, solver: str = "euler"
+    den: CountedDenoiser,
+    x: torch.Tensor,
+    t_max: float,
+    t_min: float,
+    n_restart: int,
+    k: int,
+    generator: torch.Generator,
+    solver: str = "euler",
 ) -> torch.Tensor:
     """ODE t_max → t_min, then K × {jump to t_max with N(0, (t_max² − t_min²)I) noise, ODE back}, N_Restart-point grids."""
     times = edm_grid(t_max, t_min, n_restart - 1)
@@ -303,8 +316,35 @@ def randn_like(x: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
 SAMPLERS = ("ode", "sde", "improved_sde", "restart")
 
 
+def resolve_params(params: Mapping[str, Any], solver: str = "euler") -> dict[str, Any]:
+    """Fill ``steps`` (ode, sde, improved_sde) or ``k`` (restart) from an ``nfe`` budget when they are not given.
+
+    Lets a spec grid sweep matched NFE directly (``nfe = [20, 40]`` × ``n_restart = [5, 11]``). An ``nfe`` that the
+    setting cannot hit exactly is an error, and an explicit ``steps``/``k`` must agree with ``nfe``.
+    """
+    out = dict(params)
+    sampler = out.get("sampler")
+    if sampler not in SAMPLERS:
+        raise ValueError(f"unknown toy sampler '{sampler}' (one of {', '.join(SAMPLERS)})")
+    if "nfe" in out:
+        nfe = int(out["nfe"])
+        per_step = 2 if (solver == "heun" and sampler != "sde") else 1
+        if sampler == "restart":
+            per_pass = per_step * (int(out["n_restart"]) - 1)
+            if nfe % per_pass:
+                raise ValueError(f"nfe={nfe} is not a multiple of {per_pass} evaluations per Restart pass ({dict(params)})")
+            out.setdefault("k", nfe // per_pass - 1)
+        else:
+            if nfe % per_step:
+                raise ValueError(f"nfe={nfe} is odd but every {solver} step costs {per_step} evaluations ({dict(params)})")
+            out.setdefault("steps", nfe // per_step)
+        if interval_nfe(out, solver) != nfe:
+            raise ValueError(f"cell labelled nfe={nfe} but {dict(out)} uses {interval_nfe(out, solver)} evaluations in the interval")
+    return out
+
+
 def interval_nfe(params: Mapping[str, Any], solver: str = "euler") -> int:
-    """Network evaluations inside [t_min, t_max] for one sampler setting (without running it)."""
+    """Network evaluations inside [t_min, t_max] for one (resolved) sampler setting, without running it."""
     per_step = 2 if solver == "heun" else 1
     sampler = params["sampler"]
     if sampler == "sde":
@@ -317,7 +357,14 @@ def interval_nfe(params: Mapping[str, Any], solver: str = "euler") -> int:
 
 
 def run_interval_sampler(
-    den: CountedDenoiser, x: torch.Tensor, params: Mapping[str, Any], generator: torch.Generator, *, t_max: float = T_MAX, t_min: float = T_MIN, solver: str = "euler"
+    den: CountedDenoiser,
+    x: torch.Tensor,
+    params: Mapping[str, Any],
+    generator: torch.Generator,
+    *,
+    t_max: float = T_MAX,
+    t_min: float = T_MIN,
+    solver: str = "euler",
 ) -> torch.Tensor:
     """Carry x from t_max to t_min with the sampler described by params (sampler, steps, beta, s_churn, n_restart, k)."""
     sampler = params["sampler"]
@@ -365,14 +412,17 @@ class ToySettings:
     num_samples: int = 2000
 
     @classmethod
-    def from_mapping(cls, settings: Mapping[str, Any]) -> "ToySettings":
+    def from_mapping(cls, settings: Mapping[str, Any]) -> ToySettings:
         names = {f for f in cls.__dataclass_fields__}
         return cls(**{k: type(getattr(cls, k))(v) for k, v in settings.items() if k in names})
 
 
-def toy_errors(denoiser: Denoiser, data: ToyData, params: Mapping[str, Any], seed: int, settings: ToySettings = ToySettings()) -> dict[str, float]:
+def toy_errors(
+    denoiser: Denoiser, data: ToyData, params: Mapping[str, Any], seed: int, settings: ToySettings = ToySettings()
+) -> dict[str, float]:
     """Run one sampler setting once (one seed) and measure the total / contracted / additional W1 errors."""
     s = settings
+    params = resolve_params(params, s.solver)
     n = s.num_samples
     gen_p = torch.Generator().manual_seed(1_000_003 * int(seed) + 1)
     gen_q = torch.Generator().manual_seed(1_000_003 * int(seed) + 2)
@@ -413,13 +463,15 @@ def toy_errors(denoiser: Denoiser, data: ToyData, params: Mapping[str, Any], see
 
 
 def pareto_front(x: Iterable[float], y: Iterable[float]) -> list[tuple[float, float]]:
-    """Points (x, y) sorted by x with y replaced by its prefix minimum: the best y reachable at cost ≤ x."""
+    """The Pareto-optimal points (lower x and lower y are better), sorted by x: each has a lower y than every point
+    with a smaller or equal x. Read as a step function, this is the prefix minimum of y over x the paper draws."""
     pts = sorted(zip(map(float, x), map(float, y)))
     front: list[tuple[float, float]] = []
     best = math.inf
     for px, py in pts:
-        best = min(best, py)
-        front.append((px, best))
+        if py < best:
+            best = py
+            front.append((px, py))
     return front
 
 
@@ -502,9 +554,3 @@ def gaussian_tail(z: float) -> float:
 def shifted_gaussians_tv(x: np.ndarray, y: np.ndarray, sigma: float) -> float:
     """Lemma 7: TV(x + N(0, σ²I), y + N(0, σ²I)) = 1 − 2Q(‖x − y‖/(2σ))."""
     return 1 - 2 * gaussian_tail(float(np.linalg.norm(np.asarray(x) - np.asarray(y))) / (2 * sigma))
-
-
-def product_params(**lists: list[Any]) -> list[dict[str, Any]]:
-    """All combinations of the given parameter lists (used by tests and scripts)."""
-    keys = list(lists)
-    return [dict(zip(keys, values)) for values in itertools.product(*(lists[k] for k in keys))]

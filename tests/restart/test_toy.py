@@ -156,29 +156,57 @@ def test_sampler_special_cases_reduce_to_the_ode():
     assert not torch.equal(toy.run_interval_sampler(den, x, {"sampler": "restart", "n_restart": 7, "k": 1}, g()), ode)
 
 
-def test_exact_ode_keeps_the_marginals_and_restart_preserves_p_tmin():
-    """With the exact denoiser, a fine ODE from the true p_1.5 lands on p_1.0, and so does each Restart round."""
+def _moments_gap(x: torch.Tensor, data: toy.ToyData, t: float) -> float:
+    """Largest entry-wise gap between the sample mean/covariance of x and those of the exact p_t."""
+    mean = (data.weights[:, None] * data.means).sum(0)
+    second = (data.weights[:, None, None] * (data.means[:, :, None] * data.means[:, None, :])).sum(0)
+    cov = data.covariance + second - mean[:, None] * mean[None, :] + t**2 * torch.eye(20, dtype=torch.float64)
+    return max(float((x.mean(0) - mean).abs().max()), float((torch.cov(x.T) - cov).abs().max()))
+
+
+def test_exact_ode_and_restart_carry_p_tmax_to_p_tmin():
+    """With the exact denoiser, the ODE and every Restart round map the true p_1.5 onto p_1.0 (first two moments)."""
     data = toy.make_toy_data(seed=0, n=400)
     den = toy.CountedDenoiser(toy.exact_denoiser(data))
     gen = torch.Generator().manual_seed(1)
-    start = toy.sample_population(data, 400, gen) + 1.5 * torch.randn(400, 20, generator=gen, dtype=torch.float64)
-    target = toy.sample_population(data, 400, gen) + 1.0 * torch.randn(400, 20, generator=gen, dtype=torch.float64)
-    ode = toy.run_interval_sampler(den, start, {"sampler": "ode", "steps": 40}, gen)
-    restart = toy.run_interval_sampler(den, start, {"sampler": "restart", "n_restart": 41, "k": 3}, gen)
-    shifted = start[:, :] * 0 + target + 1.0  # a deliberately wrong distribution, as a scale for "close"
-    floor = toy.w1_matching(ode.numpy(), target.numpy())
-    assert floor < 0.8 * toy.w1_matching(shifted.numpy(), target.numpy())
-    assert toy.w1_matching(restart.numpy(), target.numpy()) < floor * 1.15
+    start = toy.sample_population(data, 20_000, gen) + 1.5 * torch.randn(20_000, 20, generator=gen, dtype=torch.float64)
+    ode = toy.run_interval_sampler(den, start, {"sampler": "ode", "steps": 20}, gen)
+    restart = toy.run_interval_sampler(den, start, {"sampler": "restart", "n_restart": 21, "k": 2}, gen)
+    sde = toy.run_interval_sampler(den, start, {"sampler": "sde", "steps": 40, "beta": 1.0}, gen)
+    assert _moments_gap(start, data, 1.5) < 0.1  # sanity of the reference moments
+    assert _moments_gap(start, data, 1.0) > 1.0  # the unchanged start is far from p_1.0 (diagonal +1.25)
+    for name, x in [("ode", ode), ("restart", restart), ("sde", sde)]:
+        assert _moments_gap(x, data, 1.0) < 0.1, name
 
 
-def test_exact_ode_additional_error_shrinks_with_steps():
-    data = toy.make_toy_data(seed=0, n=500)
+def test_exact_ode_additional_error_shrinks_with_steps_then_plateaus():
+    """Discretization error falls with the step count until the finite-sample W1 floor is reached."""
+    data = toy.make_toy_data(seed=0, n=1000)
     den = toy.exact_denoiser(data)
     errors = []
-    for steps in [1, 3, 12]:
-        settings = toy.ToySettings(num_samples=500, outer_steps_high=2, outer_steps_low=steps)
+    for steps in [1, 2, 4, 8, 32]:
+        settings = toy.ToySettings(num_samples=1000, outer_steps_high=2, outer_steps_low=steps)
         errors.append(toy.toy_errors(den, data, {"sampler": "ode", "steps": steps}, seed=0, settings=settings)["w1_additional"])
-    assert errors[0] > errors[1] > errors[2], errors
+    assert errors[0] > errors[1] + 0.02 > errors[2] + 0.04, errors
+    assert abs(errors[4] - errors[3]) < 0.01, errors
+    assert errors[4] < errors[0] - 0.05, errors
+
+
+def test_resolve_params_from_nfe():
+    assert toy.resolve_params({"sampler": "ode", "nfe": 40})["steps"] == 40
+    assert toy.resolve_params({"sampler": "ode", "nfe": 40}, "heun")["steps"] == 20
+    assert toy.resolve_params({"sampler": "sde", "nfe": 40, "beta": 1.0}, "heun")["steps"] == 40
+    assert toy.resolve_params({"sampler": "restart", "nfe": 80, "n_restart": 11})["k"] == 7
+    with pytest.raises(ValueError, match="multiple"):
+        toy.resolve_params({"sampler": "restart", "nfe": 30, "n_restart": 5})
+    with pytest.raises(ValueError, match="nfe"):
+        toy.resolve_params({"sampler": "restart", "nfe": 80, "n_restart": 11, "k": 3})
+    with pytest.raises(ValueError, match="unknown"):
+        toy.resolve_params({"sampler": "ddim", "nfe": 20})
+
+
+def test_pareto_front_keeps_only_optimal_points():
+    assert toy.pareto_front([3, 1, 2, 4], [1.0, 3.0, 2.5, 2.0]) == [(1.0, 3.0), (2.0, 2.5), (3.0, 1.0)]
 
 
 def test_pareto_dominates_verdicts():
@@ -249,3 +277,33 @@ def test_kind_runs_and_caches_model(tmp_path):
     assert tx.plan_toy(cell)["nfe"] == 6
     with pytest.raises(ValueError, match="nfe"):
         tx.run_toy(SimpleNamespace(**{**cell.__dict__, "params": {**cell.params, "nfe": 7}}), ctx)
+
+
+def test_interval_solvers_agree_with_the_shared_samplers():
+    """The toy's interval-local steppers follow the same conventions as repro.restart.samplers."""
+    samplers = pytest.importorskip("repro.restart.samplers")
+    data = _small_data()
+    den = toy.exact_denoiser(data)
+    x = data.points[:64] + 1.5 * torch.randn(64, 20, generator=torch.Generator().manual_seed(4), dtype=torch.float64)
+    grid = toy.edm_grid(1.5, 1.0, 6)
+    ours = toy.ode_solve(toy.CountedDenoiser(den), x, grid, "euler")
+    assert torch.allclose(ours, samplers.sample_euler(den, x, grid), atol=1e-10)
+    ours = toy.ode_solve(toy.CountedDenoiser(den), x, grid, "heun")
+    assert torch.allclose(ours, samplers.sample_heun(den, x, grid), atol=1e-10)
+    ours = toy.improved_sde_solve(toy.CountedDenoiser(den), x, grid, 2.0, torch.Generator().manual_seed(7))
+    shared = samplers.sample_edm_sde(den, x, grid, noise=samplers.GlobalNoise(7), s_churn=2.0, second_order=False)
+    assert torch.allclose(ours, shared, atol=1e-10)
+
+
+def test_kind_with_exact_denoiser_needs_no_training(tmp_path):
+    from repro.restart import toy_experiments as tx
+
+    settings = {"num_points": 300, "num_samples": 300, "outer_steps_high": 4, "outer_steps_low": 4, "denoiser": "exact"}
+    ctx = _FakeCtx(tmp_path)
+    metrics = tx.run_toy(SimpleNamespace(params={"sampler": "ode", "nfe": 5}, settings=settings, seed=0, scale="smoke"), ctx)
+    assert metrics["nfe"] == 5 and not (tmp_path / "restart_toy_mlp").exists()
+    assert ctx.extra["model"]["denoiser"] == "exact"
+    with pytest.raises(ValueError, match="denoiser"):
+        tx.run_toy(
+            SimpleNamespace(params={"sampler": "ode", "nfe": 5}, settings={**settings, "denoiser": "nn"}, seed=0, scale="smoke"), ctx
+        )
