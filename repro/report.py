@@ -114,7 +114,7 @@ def _plot(spec: Spec, plot: dict[str, Any], df: pd.DataFrame, scale: str, out_pa
     for name, sub in groups:
         sub = sub.sort_values(x)
         yerr = sub[f"{y}__std"] if f"{y}__std" in sub else None
-        ax.errorbar(sub[x].astype(float), sub[y], yerr=yerr, marker="o", ms=4, capsize=3, label=str(name) if name is not None else y)
+        ax.errorbar(sub[x].astype(float), sub[y], yerr=yerr, marker="o", ms=4, capsize=3, label=f"{series}={name}" if name is not None else y)
     if plot.get("reference_line"):
         xs = sorted(set(float(v) for v in data[x]))
         ys = [eval_target(plot["reference_line"], {x: v}) for v in xs]
