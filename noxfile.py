@@ -64,8 +64,11 @@ def report(session: nox.Session) -> None:
 
 @nox.session
 def bench(session: nox.Session) -> None:
-    """pytest-benchmark ratios against peers (k-diffusion samplers, scikit-learn SparseCoder)."""
-    session.run(PY, "-m", "pytest", "benchmarks", "--benchmark-enable", "--benchmark-only", "-p", "no:randomly", *session.posargs)
+    """pytest-benchmark ratios against peers (k-diffusion samplers, scikit-learn SparseCoder), full size.
+
+    OMP_WAIT_POLICY=PASSIVE keeps idle OpenMP threads from spinning on a shared machine."""
+    env = {"REPRO_BENCH_FULL": "1", "OMP_WAIT_POLICY": "PASSIVE"}
+    session.run(PY, "-m", "pytest", "benchmarks", "--benchmark-enable", "--benchmark-only", "-p", "no:randomly", "-s", *session.posargs, env=env)
 
 
 @nox.session

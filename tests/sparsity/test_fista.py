@@ -106,11 +106,13 @@ def test_bad_shapes_raise():
         fista(torch.zeros(3, 4), torch.zeros(5, 6), 0.1)
 
 
+@pytest.mark.parametrize("n", [48, 96])  # 48: blocks from the atoms, no G; 96: G = D D^T (n >= m / 2.5)
 @pytest.mark.parametrize("positive", [False, True])
-@pytest.mark.parametrize("max_rounds", [12, 1])
-def test_working_set_solver_reaches_same_optimum(positive, max_rounds):
-    """Working sets change the path, not the answer; max_rounds=1 exercises the plain-FISTA fallback."""
-    X, D = _problem(n=48, d=32, m=200, a=6, seed=5)
+@pytest.mark.parametrize("max_rounds", [12, 2, 1])
+def test_working_set_solver_reaches_same_optimum(n, positive, max_rounds):
+    """Working sets change the path, not the answer; max_rounds=1 (only the loose scouting round) and 2
+    exercise the plain-FISTA fallback."""
+    X, D = _problem(n=n, d=32, m=200, a=6, seed=5)
     lam = 0.02
     dense = fista(X, D, lam, n_iter=20000, tol=1e-10, positive=positive)
     ws = fista_working_set(X, D, lam, n_iter=20000, tol=1e-10, positive=positive, ws_size=8, ws_grow=4,
@@ -120,3 +122,46 @@ def test_working_set_solver_reaches_same_optimum(positive, max_rounds):
     assert bool(ws.converged.all())
     gap = lasso_duality_gap(X, D, ws.codes, lam, positive=positive)
     assert (gap / ws.objective).max().item() < 1e-6
+
+
+@pytest.mark.parametrize("n", [24, 160])  # without / with the full Gram matrix (m = 384)
+def test_working_set_matches_sklearn_sparse_coder(n):
+    """The benchmark's comparison at a reduced size: sklearn's SparseCoder(lasso_cd), whose objective is
+    ours divided by d with transform_alpha = lam, in float32 for us as in the benchmark."""
+    decomposition = pytest.importorskip("sklearn.decomposition")
+    X, D, _ = make_sparse_linear(n, 96, 384, 8, seed=7)
+    lam = 0.05
+    ours = fista_working_set(X, D, lam, n_iter=10000, tol=1e-6)
+    assert ours.codes.dtype == torch.float32 and bool(ours.converged.all())
+    coder = decomposition.SparseCoder(dictionary=D.double().numpy(), transform_algorithm="lasso_cd", transform_alpha=lam,
+                                      transform_max_iter=10000)
+    ref = torch.from_numpy(coder.transform(X.double().numpy()))
+    ours_obj = lasso_objective(X.double(), D.double(), ours.codes.double(), lam)
+    ref_obj = lasso_objective(X.double(), D.double(), ref, lam)
+    assert abs(float(ours_obj.sum() / ref_obj.sum()) - 1.0) < 1e-6
+    assert ((ours_obj - ref_obj) / ref_obj).abs().max().item() < 1e-5
+    # The objective it reports is its own (computed from sparse codes), in float32 precision.
+    assert torch.allclose(ours.objective.double(), ours_obj, rtol=1e-5)
+    # Same support, up to atoms whose codes are at float32 noise level.
+    assert ((ours.codes.double() - ref).abs() > 1e-3).sum().item() == 0
+    # Flop count: at least the dense product X D^T, at most what the dense solver would do per iteration.
+    m, d = D.shape
+    assert 2.0 * n * m * d <= ours.flops < 2.0 * n * m * d + 2.0 * m * m * d + 200 * n * m * d
+
+
+def test_working_set_edge_cases():
+    X, D = _problem(n=16, d=16, m=40, a=3, seed=8)
+    lam = 0.02
+    # Working sets as large as the dictionary: the dense solver is used, same answer.
+    full = fista_working_set(X, D, lam, n_iter=20000, tol=1e-10, ws_size=40)
+    dense = fista(X, D, lam, n_iter=20000, tol=1e-10)
+    assert torch.allclose(full.codes, dense.codes)
+    # No samples.
+    empty = fista_working_set(X[:0], D, lam)
+    assert empty.codes.shape == (0, 40) and empty.objective.shape == (0,)
+    # lam above every correlation: all codes zero, in one round.
+    lam_max = (X @ D.T).abs().max().item()
+    zero = fista_working_set(X, D, lam_max * 1.01, ws_size=4, ws_grow=2)
+    assert zero.codes.abs().max().item() == 0.0 and bool(zero.converged.all())
+    with pytest.raises(ValueError):
+        fista_working_set(torch.zeros(3, 4), torch.zeros(5, 6), 0.1)
