@@ -64,7 +64,11 @@ def combine(verdicts: list[tuple[str, Verdict]]) -> Verdict:
         return Verdict(INSUFFICIENT, "no group has data")
     statuses = {v.status for _, v in verdicts}
     status = FAILS if FAILS in statuses else HOLDS if statuses == {HOLDS} else INSUFFICIENT
-    detail = "; ".join(f"{label}: {v.detail}" if label else v.detail for label, v in verdicts)
+    # With several groups (e.g. one per model), say which ones hold so a mixed verdict stays readable.
+    if len(verdicts) > 1:
+        detail = "; ".join(f"{label or 'all'} [{v.status}]: {v.detail}" for label, v in verdicts)
+    else:
+        detail = "; ".join(f"{label}: {v.detail}" if label else v.detail for label, v in verdicts)
     return Verdict(status, detail)
 
 
