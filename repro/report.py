@@ -136,6 +136,11 @@ def _plot(spec: Spec, plot: dict[str, Any], df: pd.DataFrame, scale: str, out_pa
     return True
 
 
+def _sort_key(column: pd.Series) -> pd.Series:
+    """Numbers sort numerically (layer 2 before layer 10), everything else as text after them."""
+    return column.map(lambda v: (0, float(v), "") if isinstance(v, (int, float)) and not isinstance(v, bool) else (1, 0.0, str(v)))
+
+
 def _scale_section(spec: Spec, scale: str, records: list[dict[str, Any]], out_dir: Path, summary: dict[str, Any]) -> list[str]:
     lines = [f"## Scale `{scale}`", ""]
     block = spec.scales.get(scale, {})
@@ -159,7 +164,7 @@ def _scale_section(spec: Spec, scale: str, records: list[dict[str, Any]], out_di
         param_cols = [c for c in df.columns if not c.startswith("_") and "__" not in c and c not in spec.metrics]
         metric_cols = [m for m in spec.metrics if m in df.columns]
         rows = []
-        for _, r in df.sort_values(param_cols, key=lambda s: s.map(str)).iterrows() if param_cols else df.iterrows():
+        for _, r in df.sort_values(param_cols, key=_sort_key).iterrows() if param_cols else df.iterrows():
             cells = [_param_text(r["_params"].get(p, "")) for p in param_cols]
             for m in metric_cols:
                 n = int(r.get(f"{m}__n", 0) or 0)
@@ -191,7 +196,13 @@ def _scale_section(spec: Spec, scale: str, records: list[dict[str, Any]], out_di
             lines.append(f"- `{label}, seed={r.get('seed')}`: {str(r.get('error')).splitlines()[0] if r.get('error') else 'unknown error'}")
         lines.append("")
     extras = [r for r in ok if r.get("extra")]
-    notes = sorted({f"{k}={_param_text(v)}" for r in extras for k, v in r["extra"].items() if isinstance(v, (str, int, float, bool))})
+    # Settings the cells recorded (e.g. restart_gamma): only those shared by most cells, not per-cell numbers.
+    seen: dict[str, set[str]] = {}
+    for r in extras:
+        for k, v in r["extra"].items():
+            if isinstance(v, (str, int, float, bool)):
+                seen.setdefault(k, set()).add(_param_text(v))
+    notes = sorted(f"{k}={' / '.join(sorted(vals))}" for k, vals in seen.items() if len(vals) <= 3)
     if notes:
         lines += ["Settings recorded by the cells: " + "; ".join(notes[:20]), ""]
     return lines

@@ -22,8 +22,8 @@ import hashlib
 import json
 import os
 import re
+from collections.abc import Iterable, Iterator
 from pathlib import Path
-from typing import Iterable, Iterator
 
 from repro.errors import MissingResource
 
@@ -33,7 +33,8 @@ WIKIPEDIA_ENV = "REPRO_WIKIPEDIA_ABSTRACTS"
 WORDNET_DIR = Path("/usr/share/wordnet")
 
 _WIKIPEDIA_HELP = (
-    "the 'wikipedia_abstracts' corpus needs a local file of English Wikipedia abstracts. Pass path=... or set "
+    "the 'wikipedia_abstracts' corpus needs a local file of English Wikipedia abstracts. Pass path=... (in a spec: "
+    "the setting corpus_path) or set "
     f"${WIKIPEDIA_ENV}. Accepted formats (optionally .gz/.bz2): plain text with one abstract per line; JSON lines with "
     "an 'abstract' or 'text' field; the Wikimedia dump enwiki-latest-abstract.xml "
     "(https://dumps.wikimedia.org/enwiki/latest/); or DBpedia long/short abstracts in N-Triples/Turtle "

@@ -33,9 +33,10 @@ import hashlib
 import importlib.util
 import json
 import os
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Iterable, Sequence
+from typing import Any
 
 import numpy as np
 import torch
@@ -133,7 +134,8 @@ def _hf_cache_snapshot(spec: ModelSpec) -> Path:
         raise MissingResource(
             f"model {spec.name} ({spec.hf_id}) is not available offline. Download it once with "
             f"'huggingface-cli download {spec.hf_id}' (into the Hugging Face cache) or "
-            f"'huggingface-cli download {spec.hf_id} --local-dir DIR' and set the setting model_path = \"DIR\"."
+            f"'huggingface-cli download {spec.hf_id} --local-dir DIR' and pass model_path=DIR (in a spec: the setting "
+            f"model_paths = {{ \"{spec.name}\" = \"DIR\" }})."
         ) from None
 
 
@@ -198,7 +200,25 @@ def num_layers(model_name: str, model_path: str | os.PathLike | None = None) -> 
     return int(config.get("num_hidden_layers", config.get("n_layer", config.get("num_layers")))) + 1
 
 
-def sample_positions(token_ids: list[list[int]], special_ids: set[int], n_tokens: int, seed: int,
+class LazyTokens(Sequence):
+    """Token ids of each text, tokenized on first access: only the documents visited by the sampler are
+    tokenized, which matters for paper-scale corpora (hundreds of thousands of abstracts)."""
+
+    def __init__(self, tokenizer, texts: Sequence[str], max_length: int):
+        self.tokenizer, self.texts, self.max_length = tokenizer, texts, max_length
+        self._cache: dict[int, list[int]] = {}
+
+    def __len__(self) -> int:
+        return len(self.texts)
+
+    def __getitem__(self, index):  # type: ignore[override]
+        index = int(index)
+        if index not in self._cache:
+            self._cache[index] = self.tokenizer(self.texts[index], truncation=True, max_length=self.max_length)["input_ids"]
+        return self._cache[index]
+
+
+def sample_positions(token_ids: Sequence[list[int]], special_ids: set[int], n_tokens: int, seed: int,
                      tokens_per_text: int, skip_first: int) -> list[tuple[int, list[int]]]:
     """Choose (document index, sorted positions) pairs holding exactly ``n_tokens`` token positions.
 
@@ -224,7 +244,7 @@ def sample_positions(token_ids: list[list[int]], special_ids: set[int], n_tokens
 
 
 @torch.no_grad()
-def _extract(tokenizer, model, token_ids: list[list[int]], chosen: list[tuple[int, list[int]]], batch_size: int,
+def _extract(tokenizer, model, token_ids: Sequence[list[int]], chosen: list[tuple[int, list[int]]], batch_size: int,
              final_norm: bool, device: torch.device, progress: Callable | None) -> dict[int, torch.Tensor]:
     blocks = _blocks(model)
     captured: list[torch.Tensor] = []
@@ -322,7 +342,7 @@ def layer_activations(model_name: str, texts: list[str], n_tokens: int, max_leng
 
     device = torch.device(device)
     tokenizer, model = load_model(resolved, device)
-    token_ids = [tokenizer(text, truncation=True, max_length=max_length)["input_ids"] for text in texts]
+    token_ids = LazyTokens(tokenizer, texts, max_length)
     special_ids = set(tokenizer.all_special_ids)
     # Draw extra rows to replace the outliers dropped below.
     n_draw = n_tokens if outlier_factor is None else int(np.ceil(n_tokens * 1.05)) + 8
