@@ -220,7 +220,14 @@ def build_random_network(which: str, params: dict[str, Any], settings: dict[str,
     kwargs = N.tiny_precond_kwargs(precond, model_type, img_resolution=shape["img_resolution"],
                                    img_channels=shape["img_channels"], label_dim=shape["label_dim"])
     torch.manual_seed(int(settings.get("init_seed", 0)))
-    return N.build_network(precond, kwargs)
+    net = N.build_network(precond, kwargs)
+    # EDM zero-initialises the output layers (init_weight=1e-5), so an untrained net outputs ~0 and every sampler
+    # would only rescale the latents; give those layers ordinary random weights so smoke runs exercise the network.
+    with torch.no_grad():
+        for p in net.parameters():
+            if p.dim() > 1 and float(p.abs().max()) < 1e-3:
+                p.normal_(0.0, 0.05)
+    return net
 
 
 def resolve_checkpoint_path(spec: str) -> Path:
