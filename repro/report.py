@@ -151,7 +151,10 @@ def _scale_section(spec: Spec, scale: str, records: list[dict[str, Any]], out_di
     expected = len(spec.cells(scale)) if scale in spec.scales else 0
     current_ids = {c.cell_id for c in spec.cells(scale)} if scale in spec.scales else set()
     stale = [r for r in ok if r.get("cell_id") not in current_ids]
-    lines.append(f"Cells: {len(ok)} ok, {len(failed)} failed, {expected} in the current spec" + (f" ({len(stale)} results come from an older version of the spec)" if stale else "") + ".")
+    lines.append(f"Cells: {len(ok) - len(stale)} ok, {len(failed)} failed, {expected} in the current spec" + (f"; {len(stale)} further results come from an older version of the spec and are left out" if stale else "") + ".")
+    # Only results of the current spec's cells are aggregated: a changed setting must not mix with old numbers.
+    if current_ids:
+        ok = [r for r in ok if r.get("cell_id") in current_ids]
     prov = [r.get("provenance", {}) for r in records]
     commits = sorted({(p.get("git") or {}).get("commit", "")[:10] + ("+dirty" if (p.get("git") or {}).get("dirty") else "") for p in prov if p.get("git")})
     devices = sorted({(p.get("machine") or {}).get("device_name", "?") for p in prov})
@@ -176,7 +179,7 @@ def _scale_section(spec: Spec, scale: str, records: list[dict[str, Any]], out_di
         lines += ["### Claims", "", "| claim | verdict | evidence |", "|---|---|---|"]
         for claim in claims:
             v = evaluate_claim(df, claim)
-            summary["claims"][v.status] += 1
+            summary["claims"].setdefault(scale, Counter())[v.status] += 1
             mark = {"holds": "✅ holds", "fails": "❌ fails"}.get(v.status, "⚪ " + v.status)
             lines.append(f"| {claim['text'].replace('|', '/')} | {mark} | {v.detail.replace('|', '/')} |")
         lines.append("")
@@ -211,7 +214,7 @@ def _scale_section(spec: Spec, scale: str, records: list[dict[str, Any]], out_di
 def render_table(spec: Spec, results_dir: Path, out_dir: Path, paper_tables: Path | None = None) -> dict[str, Any]:
     """Write ``<out_dir>/<table id>.md``; returns a summary for the index."""
     published = load_published(spec.id, paper_tables)
-    summary: dict[str, Any] = {"table": spec.id, "paper": spec.paper, "title": spec.title, "verdicts": Counter(), "claims": Counter(), "scales": {}}
+    summary: dict[str, Any] = {"table": spec.id, "paper": spec.paper, "title": spec.title, "verdicts": Counter(), "claims": {}, "scales": {}}
     lines = [f"# {spec.id}: {spec.title}", ""]
     if published is not None:
         lines.append(f"Published source: {published.title} — {published.source_line()}.")
@@ -264,7 +267,10 @@ def render_index(summaries: list[dict[str, Any]], out_dir: Path, problems: list[
     for s in summaries:
         v, c = s["verdicts"], s["claims"]
         verdicts = ", ".join(f"{k} {v[k]}" for k in ("PASS", "WARN", "FAIL", "NOT RUN") if v.get(k)) or "—"
-        claims = ", ".join(f"{k} {c[k]}" for k in (HOLDS, FAILS, INSUFFICIENT) if c.get(k)) or "—"
+        claims = "; ".join(
+            f"{scale}: " + ", ".join(f"{k} {c[scale][k]}" for k in (HOLDS, FAILS, INSUFFICIENT) if c[scale].get(k))
+            for scale in SCALES if scale in c
+        ) or "—"
         scales = ", ".join(f"{k} ({n})" for k, n in s["scales"].items()) or "none"
         rows.append([f"[{s['table']}]({s['table']}.md)", s["paper"], s["title"].replace("|", "/"), scales, verdicts, claims])
     lines.append(_md_table(["table", "paper", "title", "results (ok cells)", "paper-scale verdicts", "claims"], rows))

@@ -96,11 +96,11 @@ def test_report_compares_published_and_checks_claims(report_env):
     assert "copied from another paper" in text and "a known inconsistency" in text and "the paper says the mean grows" in text
     assert "✅ holds" in text and "❌ fails" in text
     assert summary["verdicts"] == {"PASS": 1, "FAIL": 1, "NOT RUN": 1}
-    assert summary["claims"] == {"holds": 2, "fails": 2}, "claims are checked at every scale with results"
+    assert summary["claims"] == {"paper": {"holds": 1, "fails": 1}, "smoke": {"holds": 1, "fails": 1}}, "claims are checked at every scale with results"
     assert (out / "plots" / "test.tbl-smoke-0.png").stat().st_size > 1000
     assert "](plots/test.tbl-smoke-0.png)" in text
     index = render_index([summary], out).read_text()
-    assert "[test.tbl](test.tbl.md)" in index and "PASS 1, FAIL 1, NOT RUN 1" in index
+    assert "[test.tbl](test.tbl.md)" in index and "PASS 1, FAIL 1, NOT RUN 1" in index and "smoke: holds 1, fails 1; paper: holds 1, fails 1" in index
 
 
 def test_small_scale_never_gets_a_numeric_verdict(report_env):
