@@ -29,9 +29,10 @@ from __future__ import annotations
 import json
 import math
 import os
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
 import torch
@@ -60,7 +61,7 @@ class DiscreteSchedule:
     alphas_cumprod: torch.Tensor  # float64 [T]
 
     @classmethod
-    def scaled_linear(cls, beta_start: float = 0.00085, beta_end: float = 0.012, steps: int = 1000) -> "DiscreteSchedule":
+    def scaled_linear(cls, beta_start: float = 0.00085, beta_end: float = 0.012, steps: int = 1000) -> DiscreteSchedule:
         """Stable Diffusion v1's schedule (diffusers ``beta_schedule="scaled_linear"``)."""
         betas = torch.linspace(beta_start**0.5, beta_end**0.5, steps, dtype=torch.float64) ** 2
         return cls(torch.cumprod(1.0 - betas, dim=0))
