@@ -36,7 +36,7 @@ from typing import Any
 import numpy as np
 import torch
 from torch import nn
-from torch.nn.functional import silu
+from torch.nn import functional as nnf
 
 from repro.errors import UnknownName
 
@@ -167,7 +167,7 @@ class GroupNorm(nn.Module):
 
     def __init__(self, num_channels: int, num_groups: int = 32, min_channels_per_group: int = 4, eps: float = 1e-5):
         super().__init__()
-        self.num_groups = min(num_groups, num_channels // min_channels_per_group)
+        self.num_groups = min(num_channels // min_channels_per_group, num_groups)
         self.eps = eps
         self.weight = nn.Parameter(torch.ones(num_channels))
         self.bias = nn.Parameter(torch.zeros(num_channels))
@@ -212,35 +212,35 @@ class UNetBlock(nn.Module):
         self.adaptive_scale = adaptive_scale
 
         resample = dict(up=up, down=down, resample_filter=resample_filter)
-        self.norm0 = GroupNorm(num_channels=in_channels, eps=eps)
+        self.norm0 = GroupNorm(in_channels, eps=eps)
         self.conv0 = Conv2d(in_channels=in_channels, out_channels=out_channels, kernel=3, **resample, **init)
         # adaptive_scale: the embedding gives a per-channel scale and shift; otherwise only a shift.
         self.affine = Linear(in_features=emb_channels, out_features=out_channels * (2 if adaptive_scale else 1), **init)
-        self.norm1 = GroupNorm(num_channels=out_channels, eps=eps)
-        self.conv1 = Conv2d(in_channels=out_channels, out_channels=out_channels, kernel=3, **init_zero)
+        self.norm1 = GroupNorm(out_channels, eps=eps)
+        self.conv1 = Conv2d(out_channels, out_channels, kernel=3, **init_zero)
 
         self.skip = None
-        if out_channels != in_channels or up or down:
+        if up or down or in_channels != out_channels:
             # A 1x1 projection when channels change (or when asked to); a weightless resample otherwise.
             skip_kernel = 1 if (resample_proj or out_channels != in_channels) else 0
             self.skip = Conv2d(in_channels=in_channels, out_channels=out_channels, kernel=skip_kernel, **resample,
                                **init)
 
         if self.num_heads:
-            self.norm2 = GroupNorm(num_channels=out_channels, eps=eps)
+            self.norm2 = GroupNorm(out_channels, eps=eps)
             self.qkv = Conv2d(in_channels=out_channels, out_channels=out_channels * 3, kernel=1,
                               **(init if init_attn is None else init_attn))
-            self.proj = Conv2d(in_channels=out_channels, out_channels=out_channels, kernel=1, **init_zero)
+            self.proj = Conv2d(out_channels, out_channels, kernel=1, **init_zero)
 
     def forward(self, x: torch.Tensor, emb: torch.Tensor) -> torch.Tensor:
         shortcut = x
-        h = self.conv0(silu(self.norm0(x)))
+        h = self.conv0(nnf.silu(self.norm0(x)))
         modulation = self.affine(emb)[:, :, None, None].to(h.dtype)
         if self.adaptive_scale:
             scale, shift = modulation.chunk(chunks=2, dim=1)
-            h = silu(torch.addcmul(shift, self.norm1(h), scale + 1))
+            h = nnf.silu(torch.addcmul(shift, self.norm1(h), scale + 1))
         else:
-            h = silu(self.norm1(h + modulation))
+            h = nnf.silu(self.norm1(h + modulation))
         h = self.conv1(nn.functional.dropout(h, p=self.dropout, training=self.training))
         h = h + (shortcut if self.skip is None else self.skip(shortcut))
         h = h * self.skip_scale
@@ -294,6 +294,23 @@ def _drop_labels(labels: torch.Tensor, p: float, batch: int) -> torch.Tensor:
 # U-Nets
 
 
+def _unet_levels(img_resolution: int, channel_mult: Sequence[int]) -> list[tuple[int, int, int]]:
+    """(level, resolution, channel multiplier) per U-Net level; the resolution halves at each level."""
+    return [(level, img_resolution // 2 ** level, channel_mult[level]) for level in range(len(channel_mult))]
+
+
+def _run_layer(layer: nn.Module, x: torch.Tensor, emb: torch.Tensor) -> torch.Tensor:
+    """Encoder entries are either embedding-conditioned blocks or plain convolutions."""
+    return layer(x, emb) if isinstance(layer, UNetBlock) else layer(x)
+
+
+def _with_skip(x: torch.Tensor, skips: list[torch.Tensor], wanted_channels: int) -> torch.Tensor:
+    """Concatenate the most recent skip connection when the next decoder block expects a wider input."""
+    if wanted_channels == x.shape[1]:
+        return x
+    return torch.cat((x, skips.pop()), dim=1)
+
+
 class SongUNet(nn.Module):
     """DDPM++ (``embedding_type='positional'``, ``encoder_type='standard'``) and NCSN++ (``'fourier'``,
     ``'residual'``, ``resample_filter=[1,3,3,1]``, ``channel_mult_noise=2``) U-Nets of Song et al. (2021),
@@ -321,8 +338,8 @@ class SongUNet(nn.Module):
             channel_mult_noise=channel_mult_noise, encoder_type=encoder_type, decoder_type=decoder_type,
             resample_filter=resample_filter))
         self.label_dropout = label_dropout
-        emb_channels = model_channels * channel_mult_emb
-        noise_channels = model_channels * channel_mult_noise
+        emb_channels = channel_mult_emb * model_channels
+        noise_channels = channel_mult_noise * model_channels
         init = dict(init_mode="xavier_uniform")
         init_zero = dict(init_mode="xavier_uniform", init_weight=1e-5)
         init_attn = dict(init_mode="xavier_uniform", init_weight=np.sqrt(0.2))
@@ -335,18 +352,17 @@ class SongUNet(nn.Module):
             self.map_noise = PositionalEmbedding(num_channels=noise_channels, endpoint=True)
         else:
             self.map_noise = FourierEmbedding(num_channels=noise_channels)
-        self.map_label = Linear(in_features=label_dim, out_features=noise_channels, **init) if label_dim else None
+        self.map_label = None if not label_dim else Linear(label_dim, noise_channels, **init)
         self.map_augment = (Linear(in_features=augment_dim, out_features=noise_channels, bias=False, **init)
                             if augment_dim else None)
-        self.map_layer0 = Linear(in_features=noise_channels, out_features=emb_channels, **init)
-        self.map_layer1 = Linear(in_features=emb_channels, out_features=emb_channels, **init)
+        self.map_layer0 = Linear(noise_channels, emb_channels, **init)
+        self.map_layer1 = Linear(emb_channels, emb_channels, **init)
 
         # Encoder: entries are visited in insertion order by forward(); 'aux' entries form the side path.
         self.enc = nn.ModuleDict()
         channels = in_channels
         aux_channels = in_channels
-        for level, mult in enumerate(channel_mult):
-            res = img_resolution >> level
+        for level, res, mult in _unet_levels(img_resolution, channel_mult):
             if level == 0:
                 self.enc[f"{res}x{res}_conv"] = Conv2d(in_channels=channels, out_channels=model_channels, kernel=3,
                                                       **init)
@@ -364,8 +380,8 @@ class SongUNet(nn.Module):
                         in_channels=aux_channels, out_channels=channels, kernel=3, down=True,
                         resample_filter=resample_filter, fused_resample=True, **init)
                     aux_channels = channels
-            for idx in range(num_blocks):
-                self.enc[f"{res}x{res}_block{idx}"] = UNetBlock(in_channels=channels,
+            for block_idx in range(num_blocks):
+                self.enc[f"{res}x{res}_block{block_idx}"] = UNetBlock(in_channels=channels,
                                                                 out_channels=model_channels * mult,
                                                                 attention=(res in attn_resolutions), **block_kwargs)
                 channels = model_channels * mult
@@ -373,23 +389,23 @@ class SongUNet(nn.Module):
 
         # Decoder: a block whose input is wider than the running tensor concatenates the next skip connection.
         self.dec = nn.ModuleDict()
-        for level, mult in reversed(list(enumerate(channel_mult))):
-            res = img_resolution >> level
-            if level == len(channel_mult) - 1:
+        last_level = len(channel_mult) - 1
+        for level, res, mult in reversed(_unet_levels(img_resolution, channel_mult)):
+            if level == last_level:
                 self.dec[f"{res}x{res}_in0"] = UNetBlock(in_channels=channels, out_channels=channels, attention=True,
                                                          **block_kwargs)
                 self.dec[f"{res}x{res}_in1"] = UNetBlock(in_channels=channels, out_channels=channels, **block_kwargs)
             else:
                 self.dec[f"{res}x{res}_up"] = UNetBlock(in_channels=channels, out_channels=channels, up=True,
                                                         **block_kwargs)
-            for idx in range(num_blocks + 1):
+            for block_idx in range(num_blocks + 1):
                 block_in = channels + skip_channels.pop()
                 channels = model_channels * mult
-                self.dec[f"{res}x{res}_block{idx}"] = UNetBlock(
+                self.dec[f"{res}x{res}_block{block_idx}"] = UNetBlock(
                     in_channels=block_in, out_channels=channels,
-                    attention=(idx == num_blocks and res in attn_resolutions), **block_kwargs)
+                    attention=(block_idx == num_blocks and res in attn_resolutions), **block_kwargs)
             if decoder_type == "skip" or level == 0:
-                if decoder_type == "skip" and level < len(channel_mult) - 1:
+                if decoder_type == "skip" and level < last_level:
                     self.dec[f"{res}x{res}_aux_up"] = Conv2d(in_channels=out_channels, out_channels=out_channels,
                                                              kernel=0, up=True, resample_filter=resample_filter)
                 self.dec[f"{res}x{res}_aux_norm"] = GroupNorm(num_channels=channels, eps=1e-6)
@@ -398,45 +414,47 @@ class SongUNet(nn.Module):
 
     def forward(self, x: torch.Tensor, noise_labels: torch.Tensor, class_labels: torch.Tensor | None,
                 augment_labels: torch.Tensor | None = None) -> torch.Tensor:
-        emb = self.map_noise(noise_labels)
-        emb = emb.reshape(emb.shape[0], 2, -1).flip(1).reshape(*emb.shape)  # [cos, sin] -> [sin, cos], as trained
-        if self.map_label is not None:
+        noise_emb = self.map_noise(noise_labels)
+        # [cos, sin] -> [sin, cos], the half order the checkpoints were trained with.
+        emb = noise_emb.reshape(noise_emb.shape[0], 2, -1).flip(1).reshape(*noise_emb.shape)
+        if isinstance(self.map_label, Linear):
             labels = class_labels
-            if self.training and self.label_dropout:
+            if self.label_dropout and self.training:
                 labels = _drop_labels(labels, self.label_dropout, x.shape[0])
             emb = emb + self.map_label(labels * np.sqrt(self.map_label.in_features))
-        if self.map_augment is not None and augment_labels is not None:
-            emb = emb + self.map_augment(augment_labels)
-        emb = silu(self.map_layer0(emb))
-        emb = silu(self.map_layer1(emb))
+        if augment_labels is not None and self.map_augment is not None:
+            emb = self.map_augment(augment_labels) + emb
+        for mapping in (self.map_layer0, self.map_layer1):
+            emb = nnf.silu(mapping(emb))
 
-        skips = []
+        skips: list[torch.Tensor] = []
         aux = x
-        for name, block in self.enc.items():
-            if "aux_down" in name:
-                aux = block(aux)
-            elif "aux_skip" in name:
-                x = skips[-1] = x + block(aux)
-            elif "aux_residual" in name:
-                x = skips[-1] = aux = (x + block(aux)) / np.sqrt(2)
+        for key, layer in self.enc.items():
+            if "aux_down" in key:
+                aux = layer(aux)
+            elif "aux_skip" in key:
+                x = layer(aux) + x
+                skips[-1] = x
+            elif "aux_residual" in key:
+                # The residual side path replaces both the main tensor and its stored skip.
+                aux = x = (layer(aux) + x) / math.sqrt(2)
+                skips[-1] = x
             else:
-                x = block(x, emb) if isinstance(block, UNetBlock) else block(x)
+                x = _run_layer(layer, x, emb)
                 skips.append(x)
 
         aux = None
         normed = None
-        for name, block in self.dec.items():
-            if "aux_up" in name:
-                aux = block(aux)
-            elif "aux_norm" in name:
-                normed = block(x)
-            elif "aux_conv" in name:
-                out = block(silu(normed))
+        for key, layer in self.dec.items():
+            if "aux_up" in key:
+                aux = layer(aux)
+            elif "aux_norm" in key:
+                normed = layer(x)
+            elif "aux_conv" in key:
+                out = layer(nnf.silu(normed))
                 aux = out if aux is None else out + aux
             else:
-                if x.shape[1] != block.in_channels:
-                    x = torch.cat([x, skips.pop()], dim=1)
-                x = block(x, emb)
+                x = layer(_with_skip(x, skips, layer.in_channels), emb)
         return aux
 
 
@@ -455,24 +473,23 @@ class DhariwalUNet(nn.Module):
             channel_mult_emb=channel_mult_emb, num_blocks=num_blocks, attn_resolutions=attn_resolutions,
             dropout=dropout, label_dropout=label_dropout))
         self.label_dropout = label_dropout
-        emb_channels = model_channels * channel_mult_emb
+        emb_channels = channel_mult_emb * model_channels
         init = dict(init_mode="kaiming_uniform", init_weight=np.sqrt(1 / 3), init_bias=np.sqrt(1 / 3))
         init_zero = dict(init_mode="kaiming_uniform", init_weight=0, init_bias=0)
         block_kwargs = dict(emb_channels=emb_channels, channels_per_head=64, dropout=dropout, init=init,
                             init_zero=init_zero)
 
-        self.map_noise = PositionalEmbedding(num_channels=model_channels)
+        self.map_noise = PositionalEmbedding(model_channels)
         self.map_augment = (Linear(in_features=augment_dim, out_features=model_channels, bias=False, **init_zero)
                             if augment_dim else None)
-        self.map_layer0 = Linear(in_features=model_channels, out_features=emb_channels, **init)
-        self.map_layer1 = Linear(in_features=emb_channels, out_features=emb_channels, **init)
+        self.map_layer0 = Linear(model_channels, emb_channels, **init)
+        self.map_layer1 = Linear(emb_channels, emb_channels, **init)
         self.map_label = (Linear(in_features=label_dim, out_features=emb_channels, bias=False,
                                  init_mode="kaiming_normal", init_weight=np.sqrt(label_dim)) if label_dim else None)
 
         self.enc = nn.ModuleDict()
         channels = in_channels
-        for level, mult in enumerate(channel_mult):
-            res = img_resolution >> level
+        for level, res, mult in _unet_levels(img_resolution, channel_mult):
             if level == 0:
                 self.enc[f"{res}x{res}_conv"] = Conv2d(in_channels=channels, out_channels=model_channels * mult,
                                                       kernel=3, **init)
@@ -480,54 +497,51 @@ class DhariwalUNet(nn.Module):
             else:
                 self.enc[f"{res}x{res}_down"] = UNetBlock(in_channels=channels, out_channels=channels, down=True,
                                                           **block_kwargs)
-            for idx in range(num_blocks):
-                self.enc[f"{res}x{res}_block{idx}"] = UNetBlock(in_channels=channels,
+            for block_idx in range(num_blocks):
+                self.enc[f"{res}x{res}_block{block_idx}"] = UNetBlock(in_channels=channels,
                                                                 out_channels=model_channels * mult,
                                                                 attention=(res in attn_resolutions), **block_kwargs)
                 channels = model_channels * mult
         skip_channels = [block.out_channels for block in self.enc.values()]
 
         self.dec = nn.ModuleDict()
-        for level, mult in reversed(list(enumerate(channel_mult))):
-            res = img_resolution >> level
-            if level == len(channel_mult) - 1:
+        last_level = len(channel_mult) - 1
+        for level, res, mult in reversed(_unet_levels(img_resolution, channel_mult)):
+            if level == last_level:
                 self.dec[f"{res}x{res}_in0"] = UNetBlock(in_channels=channels, out_channels=channels, attention=True,
                                                          **block_kwargs)
                 self.dec[f"{res}x{res}_in1"] = UNetBlock(in_channels=channels, out_channels=channels, **block_kwargs)
             else:
                 self.dec[f"{res}x{res}_up"] = UNetBlock(in_channels=channels, out_channels=channels, up=True,
                                                         **block_kwargs)
-            for idx in range(num_blocks + 1):
+            for block_idx in range(num_blocks + 1):
                 block_in = channels + skip_channels.pop()
                 channels = model_channels * mult
-                self.dec[f"{res}x{res}_block{idx}"] = UNetBlock(in_channels=block_in, out_channels=channels,
+                self.dec[f"{res}x{res}_block{block_idx}"] = UNetBlock(in_channels=block_in, out_channels=channels,
                                                                 attention=(res in attn_resolutions), **block_kwargs)
         self.out_norm = GroupNorm(num_channels=channels)
         self.out_conv = Conv2d(in_channels=channels, out_channels=out_channels, kernel=3, **init_zero)
 
     def forward(self, x: torch.Tensor, noise_labels: torch.Tensor, class_labels: torch.Tensor | None,
                 augment_labels: torch.Tensor | None = None) -> torch.Tensor:
-        emb = self.map_noise(noise_labels)
-        if self.map_augment is not None and augment_labels is not None:
-            emb = emb + self.map_augment(augment_labels)
-        emb = silu(self.map_layer0(emb))
-        emb = self.map_layer1(emb)
-        if self.map_label is not None:
+        noise_emb = self.map_noise(noise_labels)
+        if augment_labels is not None and self.map_augment is not None:
+            noise_emb = self.map_augment(augment_labels) + noise_emb
+        hidden = self.map_layer1(nnf.silu(self.map_layer0(noise_emb)))
+        if isinstance(self.map_label, Linear):
             labels = class_labels
-            if self.training and self.label_dropout:
+            if self.label_dropout and self.training:
                 labels = _drop_labels(labels, self.label_dropout, x.shape[0])
-            emb = emb + self.map_label(labels)
-        emb = silu(emb)
+            hidden = hidden + self.map_label(labels)
+        emb = nnf.silu(hidden)
 
-        skips = []
-        for block in self.enc.values():
-            x = block(x, emb) if isinstance(block, UNetBlock) else block(x)
+        skips: list[torch.Tensor] = []
+        for layer in self.enc.values():
+            x = _run_layer(layer, x, emb)
             skips.append(x)
-        for block in self.dec.values():
-            if x.shape[1] != block.in_channels:
-                x = torch.cat([x, skips.pop()], dim=1)
-            x = block(x, emb)
-        return self.out_conv(silu(self.out_norm(x)))
+        for layer in self.dec.values():
+            x = layer(_with_skip(x, skips, layer.in_channels), emb)
+        return self.out_conv(nnf.silu(self.out_norm(x)))
 
 
 _UNET_CLASSES: dict[str, type[nn.Module]] = {"SongUNet": SongUNet, "DhariwalUNet": DhariwalUNet}
@@ -541,6 +555,16 @@ def _make_unet(model_type: str, **kwargs: Any) -> nn.Module:
 
 # ---------------------------------------------------------------------------------------------------------------
 # Preconditioning: D(x; sigma) = c_skip(sigma) x + c_out(sigma) F(c_in(sigma) x; c_noise(sigma))
+
+
+def _tensor(value: Any) -> torch.Tensor:
+    """Tensors pass through unchanged (no copy); anything else becomes a tensor with torch's default dtype rules."""
+    return value if isinstance(value, torch.Tensor) else torch.as_tensor(value)
+
+
+def _unit_variance_scale(sigma: torch.Tensor) -> torch.Tensor:
+    """c_in = 1 / sqrt(sigma^2 + 1): scales x + sigma * noise (unit-variance data) back to unit variance."""
+    return torch.rsqrt(sigma.square() + 1)
 
 
 class _Precond(nn.Module):
@@ -571,9 +595,9 @@ class _Precond(nn.Module):
             raise RuntimeError(f"model returned {out.dtype}, expected {dtype}")
         return out.to(torch.float32)
 
-    def round_sigma(self, sigma):
+    def round_sigma(self, sigma: torch.Tensor | float) -> torch.Tensor:
         """Noise levels are continuous for this formulation, so rounding is the identity."""
-        return torch.as_tensor(sigma)
+        return _tensor(sigma)
 
 
 class VPPrecond(_Precond):
@@ -604,18 +628,21 @@ class VPPrecond(_Precond):
     def forward(self, x: torch.Tensor, sigma, class_labels: torch.Tensor | None = None, force_fp32: bool = False,
                 **model_kwargs: Any) -> torch.Tensor:
         x, sigma, class_labels, dtype = self._prepare(x, sigma, class_labels, force_fp32)
-        c_in = 1 / (sigma ** 2 + 1).sqrt()
-        c_noise = (self.M - 1) * self.sigma_inv(sigma)
+        c_in = _unit_variance_scale(sigma)
+        c_noise = self.sigma_inv(sigma) * (self.M - 1)
         # The network predicts the noise epsilon: D = x - sigma * eps.
         return x - sigma * self._run_model(c_in * x, c_noise, class_labels, dtype, model_kwargs)
 
     def sigma(self, t):
-        t = t if isinstance(t, torch.Tensor) else torch.as_tensor(t)
-        return ((0.5 * self.beta_d * (t ** 2) + self.beta_min * t).exp() - 1).sqrt()
+        t = _tensor(t)
+        exponent = self.beta_min * t + (0.5 * self.beta_d) * t.square()
+        return (exponent.exp() - 1).sqrt()
 
-    def sigma_inv(self, sigma):
-        sigma = sigma if isinstance(sigma, torch.Tensor) else torch.as_tensor(sigma)
-        return ((self.beta_min ** 2 + 2 * self.beta_d * (1 + sigma ** 2).log()).sqrt() - self.beta_min) / self.beta_d
+    def sigma_inv(self, sigma: torch.Tensor | float) -> torch.Tensor:
+        # Positive root of the quadratic beta_d t^2 / 2 + beta_min t = ln(1 + sigma^2).
+        log_var = (_tensor(sigma).square() + 1).log()
+        discriminant = (2 * self.beta_d) * log_var + self.beta_min ** 2
+        return (discriminant.sqrt() - self.beta_min) / self.beta_d
 
 
 class VEPrecond(_Precond):
@@ -640,7 +667,7 @@ class VEPrecond(_Precond):
     def forward(self, x: torch.Tensor, sigma, class_labels: torch.Tensor | None = None, force_fp32: bool = False,
                 **model_kwargs: Any) -> torch.Tensor:
         x, sigma, class_labels, dtype = self._prepare(x, sigma, class_labels, force_fp32)
-        c_noise = (0.5 * sigma).log()
+        c_noise = torch.log(sigma / 2)
         return x + sigma * self._run_model(x, c_noise, class_labels, dtype, model_kwargs)
 
 
@@ -669,28 +696,33 @@ class iDDPMPrecond(_Precond):
             ratio = (self.alpha_bar(j - 1) / self.alpha_bar(j)).clip(min=C_1)
             u[j - 1] = ((u[j] ** 2 + 1) / ratio - 1).sqrt()
         self.register_buffer("u", u)
-        self.sigma_min = float(u[M - 1])
-        self.sigma_max = float(u[0])
+        # u decreases with the index and ends at u[M] = 0, so the smallest usable level is u[M - 1].
+        self.sigma_max, self.sigma_min = float(u[0]), float(u[-2])
 
     def forward(self, x: torch.Tensor, sigma, class_labels: torch.Tensor | None = None, force_fp32: bool = False,
                 **model_kwargs: Any) -> torch.Tensor:
         x, sigma, class_labels, dtype = self._prepare(x, sigma, class_labels, force_fp32)
-        c_in = 1 / (sigma ** 2 + 1).sqrt()
-        c_noise = self.M - 1 - self.round_sigma(sigma, return_index=True).to(torch.float32)
+        c_in = _unit_variance_scale(sigma)
+        level_index = self.round_sigma(sigma, return_index=True)
+        c_noise = (self.M - 1) - level_index.float()
         out = self._run_model(c_in * x, c_noise, class_labels, dtype, model_kwargs)
         return x - sigma * out[:, :self.img_channels]
 
     def alpha_bar(self, j):
         j = torch.as_tensor(j, device="cpu")
-        return (0.5 * np.pi * j / self.M / (self.C_2 + 1)).sin() ** 2
+        angle = (np.pi / 2) * j / self.M / (1 + self.C_2)
+        return angle.sin().square()
 
     def round_sigma(self, sigma, return_index: bool = False):
         """Snap each sigma to the nearest level of the discrete table ``u``."""
-        sigma = torch.as_tensor(sigma)
+        sigma = _tensor(sigma)
         index = torch.cdist(sigma.to(self.u.device).to(torch.float32).reshape(1, -1, 1),
                             self.u.reshape(1, -1, 1)).argmin(2)
-        result = index if return_index else self.u[index.flatten()].to(sigma.dtype)
-        return result.reshape(sigma.shape).to(sigma.device)
+        if return_index:
+            picked = index
+        else:
+            picked = self.u[index.flatten()].to(sigma.dtype)
+        return picked.reshape(sigma.shape).to(device=sigma.device)
 
 
 class EDMPrecond(_Precond):
