@@ -148,8 +148,8 @@ def _scale_section(spec: Spec, scale: str, records: list[dict[str, Any]], out_di
         lines += [block["description"], ""]
     ok = [r for r in records if r.get("status") == "ok"]
     failed = [r for r in records if r.get("status") != "ok"]
-    expected = len(spec.cells(scale)) if scale in spec.scales else 0
     current_ids = {c.cell_id for c in spec.cells(scale)} if scale in spec.scales else set()
+    expected = len(current_ids)
     stale = [r for r in ok if r.get("cell_id") not in current_ids]
     lines.append(f"Cells: {len(ok) - len(stale)} ok, {len(failed)} failed, {expected} in the current spec" + (f"; {len(stale)} further results come from an older version of the spec and are left out" if stale else "") + ".")
     # Only results of the current spec's cells are aggregated: a changed setting must not mix with old numbers.

@@ -40,6 +40,7 @@ import torch
 from torch import nn
 
 from repro.errors import MissingResource, ReproError
+from repro.provenance import sha256_file
 from repro.restart.networks import build_network, count_parameters, skip_weight_init
 
 __all__ = [
@@ -286,12 +287,8 @@ class _RestrictedUnpickler(pickle.Unpickler):
 # Public API
 
 
-def file_sha256(path: str | os.PathLike, chunk_bytes: int = 1 << 22) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        while chunk := handle.read(chunk_bytes):
-            digest.update(chunk)
-    return digest.hexdigest()
+# Shared with the runner's provenance, which hashes the same checkpoint again (cached by path, size and mtime).
+file_sha256 = sha256_file
 
 
 def _missing_checkpoint(path: Path) -> MissingResource:

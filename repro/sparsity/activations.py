@@ -43,6 +43,7 @@ import torch
 
 from repro.data.text import corpus_fingerprint
 from repro.errors import MissingResource
+from repro.provenance import sha256_file
 
 # Bump when the sampling or extraction logic changes, so stale caches are not reused.
 ACTIVATIONS_VERSION = 1
@@ -139,20 +140,8 @@ def _hf_cache_snapshot(spec: ModelSpec) -> Path:
         ) from None
 
 
-_SHA_MEMO: dict[tuple[str, int, float], str] = {}
-
-
-def file_sha256(path: Path) -> str:
-    """sha256 of a file, memoised per (path, size, mtime) within the process."""
-    stat = path.stat()
-    memo_key = (str(path.resolve()), stat.st_size, stat.st_mtime)
-    if memo_key not in _SHA_MEMO:
-        digest = hashlib.sha256()
-        with open(path, "rb") as handle:
-            for chunk in iter(lambda: handle.read(1 << 22), b""):
-                digest.update(chunk)
-        _SHA_MEMO[memo_key] = digest.hexdigest()
-    return _SHA_MEMO[memo_key]
+# One cached implementation for the whole project: the runner hashes the same weights file for provenance.
+file_sha256 = sha256_file
 
 
 def load_model(resolved: ResolvedModel, device: str | torch.device = "cpu"):
