@@ -66,9 +66,9 @@ EDM_SDE_DEFAULTS = {
 # paper-scale figures assume one modern datacenter GPU; small/smoke figures were measured on a loaded 2-core CPU.
 MS_PER_IMAGE_NFE = {
     "vp": 0.5, "edm": 0.5, "pfgmpp": 0.5, "edm_imagenet64": 3.0,  # GPU, DDPM++ 56M / ADM 296M params
-    "trained": 8.0, "random:tiny-songunet": 3.0, "random:tiny-dhariwal": 4.0,  # CPU
+    "trained": 1.5, "random:tiny-songunet": 3.0, "random:tiny-dhariwal": 4.0,  # CPU
 }
-MS_PER_IMAGE_FEATURES = {"gpu-inception": 1.0, "cpu-inception": 300.0, "classifier": 0.2}
+MS_PER_IMAGE_FEATURES = {"gpu-inception": 1.0, "cpu-inception": 80.0, "classifier": 0.2}
 
 
 # ------------------------------------------------------------------------------------------------ sampler plan
@@ -140,6 +140,16 @@ def resolve_sampler(params: dict[str, Any], settings: dict[str, Any]) -> Sampler
     kwargs: dict[str, Any] = {}
     nfe_config: dict[str, Any] = {}
     desc: dict[str, Any] = {}
+    # PFGM++ (model "pfgmpp", D = 2048 for the released CIFAR-10 model): prior and Restart jump use the PFGM++
+    # kernel; its ODE is EDM's in sigma = r / sqrt(D), so the Heun steps are unchanged.
+    pfgmpp_D = None
+    if params.get("model") == "pfgmpp":
+        pfgmpp_D = params.get("pfgmpp_D", settings.get("pfgmpp_D", 2048))
+        if isinstance(pfgmpp_D, bool) or not isinstance(pfgmpp_D, int) or pfgmpp_D < 1:
+            raise ReproError(f"pfgmpp_D (PFGM++ augmented dimensions) must be a positive integer, got {pfgmpp_D!r}")
+        if name not in ("heun", "restart", "dpm_solver3_restart"):
+            raise ReproError(f"{name} is not implemented for PFGM++ (its per-step noise would need the PFGM++ kernel); "
+                             "PFGM++ cells support heun, restart and dpm_solver3_restart")
 
     if name in ("restart", "dpm_solver3_restart"):
         n_steps = _int_param(params, "n_main")
@@ -160,6 +170,8 @@ def resolve_sampler(params: dict[str, Any], settings: dict[str, Any]) -> Sampler
             kwargs["inner_solver"] = nfe_config["inner_solver"] = "dpm_solver3"
             # The official generate_dpm_solver.py overrides EDM's sigma range with the VP one (restart.md §2).
             sigma_min, sigma_max = float(settings.get("dpm_sigma_min", S.VP_SIGMA_MIN)), float(settings.get("dpm_sigma_max", S.VP_SIGMA_MAX))
+        if pfgmpp_D is not None:
+            kwargs["pfgmpp_D"] = pfgmpp_D
         fn = S.sample_restart
         desc = dict(rs, intervals=kwargs["restart"], n_main=n_steps)
         sampler_key = "restart"
@@ -184,6 +196,8 @@ def resolve_sampler(params: dict[str, Any], settings: dict[str, Any]) -> Sampler
                          f"(n_steps={n_steps}{', intervals=' + str(nfe_config.get('restart')) if 'restart' in nfe_config else ''})")
     sigmas = S.edm_sigmas(n_steps, sigma_min, sigma_max, rho, dtype=torch.float64)
     desc.update(sigma_min=sigma_min, sigma_max=sigma_max, rho=rho, n_steps=n_steps)
+    if pfgmpp_D is not None:
+        desc["pfgmpp_D"] = pfgmpp_D  # generate_images reads it: x_T from the PFGM++ prior
     return SamplerPlan(name, fn, sigmas, kwargs, n_steps, expected, desc)
 
 
@@ -288,12 +302,20 @@ def generate_images(net: torch.nn.Module, plan: SamplerPlan, seeds: list[int], d
 
     Latents and class labels are drawn like EDM's generate.py with StackedRandomGenerator: per seed, first
     ``randn([C, H, W])``, then ``randint(label_dim)``; the sampler then draws its noise from the same generators.
+    PFGM++ plans (``description["pfgmpp_D"]``) start from the PFGM++ prior at sigmas[0] instead: per seed that same
+    ``randn([C, H, W])``, then ``randn(D)`` (:func:`repro.restart.samplers.pfgmpp_prior`).
     """
-    from repro.restart.samplers import CountingDenoiser, NoiseSource
+    from repro.restart.samplers import CountingDenoiser, NoiseSource, pfgmpp_prior
 
     shape = (len(seeds), net.img_channels, net.img_resolution, net.img_resolution)
     noise = NoiseSource(seeds, device)
-    latents = noise.randn(shape, dtype=torch.float32)
+    pfgmpp_D = plan.description.get("pfgmpp_D")
+    if pfgmpp_D is None:
+        latents = noise.randn(shape, dtype=torch.float32)
+    else:
+        if getattr(net, "D", pfgmpp_D) != pfgmpp_D:  # the official script asserts net.D == aug_dim too
+            raise ReproError(f"the network was trained with PFGM++ D={net.D}, the spec says pfgmpp_D={pfgmpp_D}")
+        latents = pfgmpp_prior(noise, shape, float(plan.sigmas[0]), pfgmpp_D)  # float64, already at sigmas[0]
     class_labels = None
     if label_dim:
         idx = torch.stack([torch.randint(label_dim, size=(), generator=g, device=noise.device) for g in noise.generators])
@@ -304,7 +326,7 @@ def generate_images(net: torch.nn.Module, plan: SamplerPlan, seeds: list[int], d
 
     counter = CountingDenoiser(denoise)
     sigmas = plan.sigmas.to(device)
-    x = latents.to(torch.float64) * sigmas[0]
+    x = latents.to(torch.float64) * sigmas[0] if pfgmpp_D is None else latents
     with torch.no_grad():
         x = plan.fn(counter, x, sigmas, noise=noise, class_labels=class_labels, **plan.kwargs)
     return to_uint8_like_edm(x), counter.nfe
@@ -322,30 +344,36 @@ def extractor_options(extractor: str, ctx: Any) -> dict[str, Any]:
 def dataset_reference_stats(source: str, extractor: str, settings: dict[str, Any], ctx: Any):
     """``dataset:<mnist|fashion>-<train|test>``: statistics of real images through ``extractor``, cached."""
     from repro.data.mnist import load_mnist
-    from repro.metrics.image_metrics import reference_stats_from_images
     from repro.metrics.refstats import RefStats, load_reference_stats
 
     name = source.split(":", 1)[1]
     variant, _, split = name.rpartition("-")
     if variant not in ("mnist", "fashion") or split not in ("train", "test"):
         raise ReproError(f"unknown reference dataset '{source}' (use dataset:mnist-test, dataset:fashion-train, ...)")
-    limit = settings.get("ref_limit")
-    from repro.metrics.image_metrics import extractor_provenance
+    limit = per_extractor(settings.get("ref_limit"), extractor)
+    from repro.metrics.image_metrics import extract, extractor_provenance
 
     # The extractor's provenance (weights hash / classifier config) is part of the key: new weights, new stats.
-    key = {"source": source, "extractor": extractor, "limit": limit,
+    # format 2 also keeps the reference features (features.npy), which KID needs.
+    key = {"source": source, "extractor": extractor, "limit": limit, "format": 2,
            "extractor_provenance": extractor_provenance(extractor, ctx.device, **extractor_options(extractor, ctx))}
 
     def build(folder: Path) -> None:
+        from tqdm.auto import tqdm
+
         images, _ = load_mnist(split, variant=variant)
         if limit:
             images = images[: int(limit)]
-        stats = reference_stats_from_images(images, extractor, ctx.device, progress=ctx.rank == 0,
-                                            **extractor_options(extractor, ctx))
-        RefStats(mu=stats.mu, sigma=stats.sigma, n=stats.n, source=f"{source} (n={len(images)})", extractor=extractor).save(folder / "stats.npz")
+        chunks = [extract(images[i : i + 100], extractor, ctx.device, **extractor_options(extractor, ctx))["pool"]
+                  for i in tqdm(range(0, len(images), 100), desc=f"ref stats ({extractor})", disable=ctx.rank != 0)]
+        feats = np.concatenate(chunks)
+        np.save(folder / "features.npy", feats.astype(np.float32))
+        RefStats.from_features(feats, source=f"{source} (n={len(images)})", extractor=extractor).save(folder / "stats.npz")
 
     folder = ctx.cached_artifact("restart-refstats", key, build)
-    return load_reference_stats(folder / "stats.npz")
+    stats = load_reference_stats(folder / "stats.npz")
+    stats.features_path = folder / "features.npy"  # for KID (dataset references only)
+    return stats
 
 
 def reference_stats(extractor: str, settings: dict[str, Any], ctx: Any):
@@ -368,6 +396,24 @@ def reference_stats(extractor: str, settings: dict[str, Any], ctx: Any):
 # ------------------------------------------------------------------------------------------------------ kind
 
 
+def per_extractor(value: Any, extractor: str) -> Any:
+    """A setting given either once for all extractors or as ``{extractor: value}`` (absent extractors: None)."""
+    return value.get(extractor) if isinstance(value, dict) else value
+
+
+def feature_limit(settings: dict[str, Any], extractor: str, num_samples: int) -> int:
+    """How many of a cell's images (the first ones, by index) go through ``extractor``.
+
+    ``settings.feature_limits = {extractor: n}`` lets a slow extractor (Inception on CPU: ~0.07 s/image) see only the
+    first n images of every seed set, while the fast ones see all of them."""
+    limit = per_extractor(settings.get("feature_limits"), extractor)
+    if limit is None:
+        return num_samples
+    if isinstance(limit, bool) or not isinstance(limit, int) or limit <= 0:
+        raise ReproError(f"feature_limits[{extractor!r}] must be a positive integer, got {limit!r}")
+    return min(int(limit), num_samples)
+
+
 def _extractors(settings: dict[str, Any]) -> list[str]:
     value = settings.get("extractors", settings.get("extractor", "inception-fid-helper"))
     names = [value] if isinstance(value, str) else list(value)
@@ -380,21 +426,19 @@ def _feature_key(extractor: str, output: str) -> str:
     return f"{extractor.replace('-', '_')}__{output}"
 
 
-def _metric_names(extractor: str, primary: bool) -> tuple[str, str]:
+def _metric_names(extractor: str, primary: bool) -> dict[str, str]:
+    """Result keys of an extractor's metrics: ``fid``/``is``/``kid`` for the first, ``fid_<alias>`` ... otherwise."""
     if primary:
-        return "fid", "is"
+        return {"fid": "fid", "is": "is", "kid": "kid"}
     alias = EXTRACTOR_ALIASES.get(extractor, extractor.replace("-", "_"))
-    return f"fid_{alias}", f"is_{alias}"
+    return {m: f"{m}_{alias}" for m in ("fid", "is", "kid")}
 
 
 def plan_image_fid(cell: Any) -> dict[str, Any]:
     """Samples, NFE (analytic) and a rough time estimate, without running anything."""
     settings, params = cell.settings, cell.params
     n = int(settings.get("num_samples", 50000))
-    if params.get("model") == "pfgmpp":
-        sampler_nfe = int(params.get("nfe", 0))
-    else:
-        sampler_nfe = resolve_sampler(params, settings).expected_nfe
+    sampler_nfe = resolve_sampler(params, settings).expected_nfe
     spec = checkpoint_spec(params, settings) if (settings.get("checkpoint") or settings.get("checkpoints")) else ""
     if spec.startswith("random:"):
         ms = MS_PER_IMAGE_NFE.get(spec, 3.0)
@@ -405,10 +449,11 @@ def plan_image_fid(cell: Any) -> dict[str, Any]:
     ms = float(settings.get("est_ms_per_image_nfe", ms))
     feat_ms = 0.0
     for ex in _extractors(settings):
+        share = feature_limit(settings, ex, n) / n
         if "inception" in ex:
-            feat_ms += MS_PER_IMAGE_FEATURES["gpu-inception" if cell.scale == "paper" else "cpu-inception"]
+            feat_ms += share * MS_PER_IMAGE_FEATURES["gpu-inception" if cell.scale == "paper" else "cpu-inception"]
         else:
-            feat_ms += MS_PER_IMAGE_FEATURES["classifier"]
+            feat_ms += share * MS_PER_IMAGE_FEATURES["classifier"]
     est = n * (sampler_nfe * ms + feat_ms) / 1000.0
     return {"samples": n, "nfe": sampler_nfe, "train_steps": 0, "est_seconds": round(est, 1)}
 
@@ -420,10 +465,6 @@ def run_image_fid(cell: Any, ctx: Any) -> dict[str, float]:
     from repro.metrics.image_metrics import extract, metrics_from_features, metrics_provenance
 
     params, settings = cell.params, cell.settings
-    if params.get("model") == "pfgmpp":
-        raise ReproError("PFGM++ (D=2048) needs its own perturbation kernel and prior, which this project has not "
-                         "implemented (repro.restart.samplers.sample_restart covers EDM/VP only); the cell is listed "
-                         "so that the table is complete")
     plan = resolve_sampler(params, settings)
     num_samples = int(settings.get("num_samples", 50000))
     batch_size = int(settings.get("batch_size", 64))
@@ -448,6 +489,16 @@ def run_image_fid(cell: Any, ctx: Any) -> dict[str, float]:
                                   seed_offset + (cell.seed + 1) * num_samples - 1], "batch_size": batch_size,
                                   "quantisation": "EDM: (x*127.5+128).clip(0,255).to(uint8)"})
     opts = {ex: extractor_options(ex, ctx) for ex in extractors}
+    limits = {ex: feature_limit(settings, ex, num_samples) for ex in extractors}
+    kid_extractors = settings.get("kid", [])
+    kid_extractors = [kid_extractors] if isinstance(kid_extractors, str) else list(kid_extractors)
+    unknown = [ex for ex in kid_extractors if ex not in extractors]
+    if unknown:
+        raise ReproError(f"settings.kid names {unknown}, which are not in settings.extractors {extractors}")
+    # One feature row of a blank image per limited extractor: the shape and dtype of its NaN rows.
+    blank = torch.zeros(1, net.img_channels, net.img_resolution, net.img_resolution, dtype=torch.uint8)
+    feature_shapes = {ex: {k: np.asarray(v)[0] for k, v in extract(blank, ex, ctx.device, **opts[ex]).items()}
+                      for ex in extractors if limits[ex] < num_samples}
     timing = {"generate_s": 0.0, "features_s": 0.0}
 
     def shard(indices: np.ndarray) -> dict[str, np.ndarray]:
@@ -462,7 +513,16 @@ def run_image_fid(cell: Any, ctx: Any) -> dict[str, float]:
                 raise ReproError(f"{plan.name}: counted {nfe} network evaluations per image, expected {plan.expected_nfe}")
             nfe_rows.append(np.full(len(idx), nfe, dtype=np.int64))
             for ex in extractors:
-                for key, value in extract(images, ex, ctx.device, **opts[ex]).items():
+                # Rows past the extractor's limit are stored as NaN so every shard array keeps one row per image.
+                keep = idx < limits[ex]
+                if keep.all():
+                    values = extract(images, ex, ctx.device, **opts[ex])
+                else:
+                    values = {k: np.full((len(idx),) + v.shape, np.nan, dtype=v.dtype) for k, v in feature_shapes[ex].items()}
+                    if keep.any():
+                        for k, v in extract(images[torch.from_numpy(keep)], ex, ctx.device, **opts[ex]).items():
+                            values[k][keep] = v
+                for key, value in values.items():
                     outputs.setdefault(_feature_key(ex, key), []).append(value)
             timing["generate_s"] += t1 - t0
             timing["features_s"] += time.time() - t1
@@ -482,18 +542,30 @@ def run_image_fid(cell: Any, ctx: Any) -> dict[str, float]:
     metrics: dict[str, float] = {}
     metric_sources: dict[str, Any] = {}
     for j, ex in enumerate(extractors):
-        fid_name, is_name = _metric_names(ex, primary=(j == 0))
+        names = _metric_names(ex, primary=(j == 0))
         ref = reference_stats(ex, settings, ctx)
-        ex_feats = {"pool": feats[_feature_key(ex, "pool")]}
+        n_used = limits[ex]
+        ex_feats = {"pool": feats[_feature_key(ex, "pool")][:n_used]}
+        if np.isnan(ex_feats["pool"]).any():
+            raise ReproError(f"features of {ex} are missing for some of the first {n_used} images (stale shards?)")
         wanted = ["fid"]
         if _feature_key(ex, "logits") in feats and settings.get("inception_score", True):
-            ex_feats["logits"] = feats[_feature_key(ex, "logits")]
+            ex_feats["logits"] = feats[_feature_key(ex, "logits")][:n_used]
             wanted.append("is")
         values = metrics_from_features(ex_feats, ref, metrics=wanted, backend=backend)
-        metrics[fid_name] = values["fid"]
+        if ex in kid_extractors:
+            # KID is unbiased in the sample count, so it stays meaningful when a limit leaves few images.
+            ref_path = getattr(ref, "features_path", None)
+            if ref_path is None or not Path(ref_path).is_file():
+                raise ReproError(f"KID for {ex} needs reference features: use a dataset:... reference (ref_stats)")
+            kid = metrics_from_features({"pool": ex_feats["pool"]}, {"pool": np.load(ref_path)}, metrics=["kid"], backend=backend)
+            metrics[names["kid"]] = kid["kid"]
+            metrics[names["kid"] + "_std"] = kid["kid_std"]
+        metrics[names["fid"]] = values["fid"]
         if "is" in values:
-            metrics[is_name] = values["is"]
-        metric_sources[fid_name] = metrics_provenance(ex, backend, ref, device=ctx.device, **opts[ex])
+            metrics[names["is"]] = values["is"]
+        metric_sources[names["fid"]] = dict(metrics_provenance(ex, backend, ref, device=ctx.device, **opts[ex]),
+                                            num_samples=n_used)
     ctx.record_extra("metrics_provenance", metric_sources)
     for name, value in metrics.items():
         if not math.isfinite(value):

@@ -730,12 +730,22 @@ class EDMPrecond(_Precond):
 
     def __init__(self, img_resolution: int, img_channels: int, label_dim: int = 0, use_fp16: bool = False,
                  sigma_min: float = 0, sigma_max: float = float("inf"), sigma_data: float = 0.5,
-                 model_type: str = "DhariwalUNet", **model_kwargs: Any):
+                 model_type: str = "DhariwalUNet", pfgmpp: bool | None = None, D: int | None = None,
+                 **model_kwargs: Any):
         super().__init__()
+        # PFGM++ checkpoints (Newbeeer/pfgmpp) pickle the same class with two extra arguments, ``pfgmpp`` and ``D``
+        # (augmented dimensions; their default is 128). The network and its preconditioning are EDM's in sigma =
+        # r / sqrt(D); only the sampler's prior and Restart jump change. They are kept as attributes (``D``, ``N``)
+        # so the sampler can check the spec's pfgmpp_D against the checkpoint.
+        pfgm_kwargs = {} if pfgmpp is None and D is None else dict(pfgmpp=bool(pfgmpp), D=128 if D is None else int(D))
         self.init_kwargs = copy.deepcopy(dict(img_resolution=img_resolution, img_channels=img_channels,
                                               label_dim=label_dim, use_fp16=use_fp16, sigma_min=sigma_min,
                                               sigma_max=sigma_max, sigma_data=sigma_data, model_type=model_type,
-                                              **model_kwargs))
+                                              **pfgm_kwargs, **model_kwargs))
+        self.pfgmpp = bool(pfgm_kwargs.get("pfgmpp", False))
+        if self.pfgmpp:
+            self.D = pfgm_kwargs["D"]
+            self.N = img_channels * img_resolution * img_resolution
         self.img_resolution = img_resolution
         self.img_channels = img_channels
         self.label_dim = label_dim

@@ -7,8 +7,9 @@ Every sampler has the signature ``sample_X(denoiser, x, sigmas, *, ...) -> Tenso
   k-diffusion ``Denoiser`` both fit);
 * ``x`` is the starting point at noise level ``sigmas[0]`` (already scaled, i.e. ``latents * sigmas[0]``);
 * ``sigmas`` is a decreasing noise grid, normally ``edm_sigmas(n)`` (n points, then 0 appended);
-* noise is drawn **only** through ``noise.randn_like(x)``: with a :class:`NoiseSource` (one generator per sample,
-  EDM ``StackedRandomGenerator`` semantics) the result for a sample does not depend on the batch it is in.
+* noise is drawn **only** through ``noise.randn_like(x)`` (PFGM++ draws: ``noise.randn``): with a :class:`NoiseSource`
+  (one generator per sample, EDM ``StackedRandomGenerator`` semantics) the result for a sample does not depend on
+  the batch it is in.
 
 The arithmetic is done in ``x``'s dtype; pass float64 latents to follow EDM/the official Restart code, which keep
 x in float64 and let the network cast.
@@ -61,6 +62,8 @@ __all__ = [
     "sample_vanilla_sde",
     "sample_dpm_solver3",
     "sample_restart",
+    "pfgmpp_prior",
+    "pfgmpp_perturb",
     "SAMPLERS",
 ]
 
@@ -431,6 +434,94 @@ def sample_dpm_solver3(
 
 
 # ----------------------------------------------------------------------------------------------------------------
+# PFGM++ (Xu et al., ICML 2023): prior and Restart perturbation kernel
+#
+# PFGM++ lifts x in R^N to (x, z) with z in R^D. Its perturbation kernel at radius r is
+# p_r(x | y) ~ (||x - y||^2 + r^2)^(-(N + D) / 2), a multivariate t with D degrees of freedom and scale r / sqrt(D).
+# With r = sigma * sqrt(D) the released networks are EDM denoisers in sigma (EDMPrecond, same preconditioning), and
+# the ODE is EDM's dx/dsigma = (x - D(x; sigma)) / sigma; only the prior and the Restart forward jump change.
+#
+# Sampling p_r(. | 0): the official code draws ||x|| = r sqrt(B / (1 - B)), B ~ Beta(N/2, D/2), times a uniform
+# direction. We use the equivalent all-Gaussian form x = r * g_N / ||g_D||, g ~ N(0, I_{N+D}): ||g_N||^2 / ||g_D||^2
+# is chi2_N / chi2_D, which has the law of B / (1 - B), and g_N / ||g_N|| is uniform and independent of it.
+# (Geometrically: where a ray from the origin in a uniform (N+D)-direction meets the cylinder ||z|| = r.)
+
+
+def _check_pfgmpp_D(D: Any) -> int:
+    if isinstance(D, bool) or not isinstance(D, int) or D < 1:
+        raise ValueError(f"pfgmpp_D (PFGM++ augmented dimensions) must be an integer >= 1, got {D!r}")
+    return D
+
+
+def _pfgmpp_randn(noise: Any, shape: Sequence[int], dtype: torch.dtype, device: Any) -> Tensor:
+    if not callable(getattr(noise, "randn", None)):
+        raise ValueError("PFGM++ draws need noise.randn(shape, dtype=, device=): pass a NoiseSource or GlobalNoise")
+    return noise.randn(tuple(shape), dtype=dtype, device=device)
+
+
+def pfgmpp_prior(
+    noise: Any,
+    shape: Sequence[int],
+    sigma: float,
+    D: int,
+    *,
+    draw_dtype: torch.dtype = torch.float32,
+    device: torch.device | str | None = None,
+) -> Tensor:
+    """Samples of the PFGM++ perturbation kernel around 0 at r = sigma * sqrt(D): the prior x_T at sigma_max.
+
+    Per image (row), from ``noise``'s generator for that row: first ``randn(shape[1:])`` -- the very draw EDM uses
+    for its Gaussian latents -- then ``randn(D)``; returns ``sigma * sqrt(D) * g_N / ||g_D||`` in float64. So the
+    image for a seed does not depend on its batch, and as D -> inf it tends to ``sigma *`` the EDM latent of that seed.
+    Official code: ``rand_beta_prime`` (Beta radius, global RNG re-seeded per image) -- same law, other numbers.
+    """
+    D = _check_pfgmpp_D(D)
+    if not sigma > 0:
+        raise ValueError(f"pfgmpp_prior needs sigma > 0, got {sigma}")
+    shape = tuple(shape)
+    g_n = _pfgmpp_randn(noise, shape, draw_dtype, device).to(torch.float64)
+    g_d = _pfgmpp_randn(noise, (shape[0], D), draw_dtype, device).to(torch.float64)
+    radius_scale = sigma * math.sqrt(D) / g_d.norm(dim=1)
+    return g_n * radius_scale.view(-1, *([1] * (len(shape) - 1)))
+
+
+def pfgmpp_perturb(noise: Any, x: Tensor, sigma_from: float, sigma_to: float, D: int, s_noise: float = 1.0) -> Tensor:
+    """Restart's forward jump under the PFGM++ kernel, from sigma_from (t_min) up to sigma_to (t_max).
+
+    The construction of the official ``restart_sampler`` (``benchmarks/generate_restart.py`` L93-114): give x an
+    augmented part z of norm r_from = sigma_from sqrt(D) in a uniform direction, pick a uniformly random line
+    direction u = g / ||g_D|| (g ~ N(0, I_{N+D})), and move along it by the s that puts z + s u_D on the cylinder of
+    radius r_to: s = -<z, u_D> - sqrt(<z, u_D>^2 + r_to^2 - r_from^2); return x + s_noise * s * u_N.
+
+    Two deliberate differences, neither of which changes the law of the result:
+      * the official root choice is ``torch.randint(1, ...)``, which is always 0, so it always takes the "-" root;
+        a fair coin was presumably meant, but u and -u are equally likely and flipping u swaps the two roots'
+        displacements, so one fixed root has the same law as the coin; we keep the official root (no extra draw);
+      * the official code draws z and u from the global torch RNG (so images depend on the batch); we draw them
+        from ``noise`` per image: first D normals (z's direction), then N + D normals (u; the first N are the
+        data part), so a seed's result does not depend on its batch.
+    Noted, not changed: for finite D the jump does not map p_{sigma_from} exactly onto p_{sigma_to}; its
+    E||dx||^2 = N (2 sigma_from^2 + D (sigma_to^2 - sigma_from^2)) / (D - 2), while the two priors differ by
+    N D (sigma_to^2 - sigma_from^2) / (D - 2) (relative excess 2 sigma_from^2 / (D (sigma_to^2 - sigma_from^2)),
+    2.7e-4 for D = 2048 and Table 3's (0.14, 0.30)). As D -> inf the jump tends to N(0, (sigma_to^2 - sigma_from^2) I).
+    """
+    D = _check_pfgmpp_D(D)
+    if not 0 <= sigma_from < sigma_to:
+        raise ValueError(f"pfgmpp_perturb needs 0 <= sigma_from < sigma_to, got {sigma_from}, {sigma_to}")
+    batch = x.shape[0]
+    n = x[0].numel()
+    r_from, r_to = sigma_from * math.sqrt(D), sigma_to * math.sqrt(D)
+    z = _pfgmpp_randn(noise, (batch, D), x.dtype, x.device)
+    z = z * (r_from / z.norm(dim=1, keepdim=True))
+    g = _pfgmpp_randn(noise, (batch, n + D), x.dtype, x.device)
+    inv_len = 1.0 / g[:, n:].norm(dim=1, keepdim=True)
+    u_x, u_z = g[:, :n] * inv_len, g[:, n:] * inv_len
+    dot = (z * u_z).sum(dim=1)
+    step = -dot - torch.sqrt(dot**2 + (r_to**2 - r_from**2))
+    return x + (s_noise * step).view(batch, *([1] * (x.dim() - 1))) * u_x.view_as(x)
+
+
+# ----------------------------------------------------------------------------------------------------------------
 # Restart
 
 
@@ -590,6 +681,7 @@ def sample_restart(
     class_labels: Tensor | None = None,
     inner_solver: str = "heun",
     main_solver: str | None = None,
+    pfgmpp_D: int | None = None,
     callback: Callable[[dict], None] | None = None,
     disable: bool = True,
 ) -> Tensor:
@@ -604,6 +696,9 @@ def sample_restart(
     ``s_churn`` adds EDM churn to the main steps in [s_min, s_max] (official ``S_churn``, default 0).
     ``inner_solver="dpm_solver3"`` reproduces the official DPM variant, which uses DPM-Solver-3 for the main process
     *and* the restart passes (``main_solver`` overrides the main one).
+    ``pfgmpp_D`` (PFGM++ models, e.g. 2048): the forward jump uses the PFGM++ kernel (:func:`pfgmpp_perturb`);
+    the ODE steps and any churn stay as they are (as in the official code); start from :func:`pfgmpp_prior`.
+    ``None`` (default) is the Gaussian jump above, unchanged.
 
     NFE equals :func:`restart_nfe`. Differences from the official script, all deliberate:
       * the restart grid is float64 (official: float32), so t_max/t_min are hit exactly;
@@ -612,13 +707,15 @@ def sample_restart(
       * several intervals rounding to the same grid point all run, in the given order (official: the last one
         silently replaces the others); an interval whose t_min rounds to the first point or to 0 is an error
         (official: silently never runs / restarts from 0);
-      * PFGM++'s perturbation kernel is not implemented.
+      * PFGM++ jumps draw from ``noise`` per image (official: the global RNG); see :func:`pfgmpp_perturb`.
     """
     noise = _require_noise(noise, "sample_restart")
     intervals = parse_restart_config(restart)
     main_solver = inner_solver if main_solver is None else main_solver
     _check_solver(inner_solver)
     _check_solver(main_solver)
+    if pfgmpp_D is not None:
+        _check_pfgmpp_D(pfgmpp_D)
     sig = _as_floats(sigmas)
     n = len(sig) - 1
     by_index = _restart_points(sig, intervals)
@@ -644,7 +741,10 @@ def sample_restart(
             grid = edm_sigmas(iv.n_restart, t_min, iv.t_max, rho)[:-1].tolist()  # float64, no trailing 0
             jump = s_noise * math.sqrt(iv.t_max**2 - t_min**2)
             for _ in range(iv.k):
-                x = x + noise.randn_like(x) * jump
+                if pfgmpp_D is None:
+                    x = x + noise.randn_like(x) * jump
+                else:
+                    x = pfgmpp_perturb(noise, x, t_min, iv.t_max, pfgmpp_D, s_noise)
                 for j in range(iv.n_restart - 1):
                     x = solve(x, j, grid, inner_solver, restart_gamma, "restart")
     return x

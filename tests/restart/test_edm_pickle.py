@@ -211,6 +211,8 @@ def test_refuses_unknown_classes(tmp_path):
                        resample_filter=[1, 3, 3, 1]), 2),
     ("EDMPrecond", dict(img_resolution=8, model_type="DhariwalUNet", label_dim=4), 4),
     ("iDDPMPrecond", dict(img_resolution=8), 3),
+    # PFGM++ checkpoints pickle EDMPrecond with two extra arguments (pfgmpp, D) and attributes D, N.
+    ("EDMPrecond", dict(img_resolution=8, pfgmpp=True, D=2048), 4),
 ])
 def test_edm_format_pickle_loads_without_running_module_src(tmp_path, marker, class_name, overrides, protocol):
     net = _random_net(class_name, **overrides)
@@ -230,6 +232,8 @@ def test_edm_format_pickle_loads_without_running_module_src(tmp_path, marker, cl
     assert meta["other_entries"] == {"loss_fn": "EDMLoss", "augment_pipe": "NoneType", "dataset_kwargs": "dict"}
     assert meta["init_kwargs"] == net.init_kwargs and meta["num_parameters"] == N.count_parameters(net)
     assert not loaded.training and not any(p.requires_grad for p in loaded.parameters())
+    if overrides.get("pfgmpp"):
+        assert (loaded.D, loaded.N) == (2048, 3 * 8 * 8) and meta["init_kwargs"]["D"] == 2048
 
     torch.manual_seed(1)
     x = torch.randn(3, 3, 8, 8)

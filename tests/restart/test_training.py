@@ -43,6 +43,22 @@ def test_training_resumes_to_identical_weights(tmp_path: Path) -> None:
     assert net(torch.zeros(2, 1, 28, 28), torch.ones(2)).shape == (2, 1, 28, 28)
 
 
+def test_class_conditional_training_uses_the_labels(tmp_path: Path) -> None:
+    """The fashion-cond config (the ImageNet-64 analog) trains a label-conditioned network: its output depends on the
+    class label, and the labels fed to the loss are the images' own (Fashion-MNIST labels, one-hot)."""
+    config = dict(T.TRAIN_CONFIGS["fashion-cond"], model_channels=8, steps=2, batch_size=8, checkpoint_every=1, lr_warmup_steps=1)
+    assert "label_dim" not in T.TRAIN_CONFIGS["mnist"]  # unconditional cache keys unchanged
+    images, labels = T.load_training_data(config)
+    assert labels.shape == (images.shape[0],) and set(labels[:1000].tolist()) == set(range(10))
+    net, meta = T.load_trained_network(T.train_model(config, tmp_path / "model.pt", resume_path=tmp_path / "r.pt"))
+    assert net.label_dim == 10 and meta["network_kwargs"]["label_dim"] == 10
+    x, sigma = torch.randn(2, 1, 28, 28), torch.full((2,), 1.0)
+    eye = torch.eye(10)
+    with torch.no_grad():
+        out_a, out_b = net(x, sigma, eye[[0, 0]]), net(x, sigma, eye[[0, 7]])
+    assert torch.equal(out_a[0], out_b[0]) and not torch.allclose(out_a[1], out_b[1])
+
+
 def test_trained_checkpoint_is_built_once_through_the_cache(tmp_path: Path, monkeypatch) -> None:
     from repro.runner import RunContext
 
