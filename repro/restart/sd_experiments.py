@@ -39,8 +39,13 @@ annotation file. NOT verified: anything with the real SD v1.5, ViT-g-14, ViT-L/1
 loaded here), the FID network (we use ``settings.extractor``; the fork used pytorch-fid's Inception), fp16 (the
 fork's CLIP/aesthetic evaluation ran under CUDA autocast; we run fp32), and the paper's numbers themselves.
 
-The smoke scale runs the very same loops on an untrained tiny class-conditional U-Net (labels play the prompts, the
-zero label the empty prompt) with SD's discrete schedule: it tests the loops, CFG and step counting, not SD.
+The smoke scale runs this same code path end to end (``load_sd``, prompt encoding, the loops, VAE decode, FID, CLIP
+and aesthetic score) on tiny randomly initialised networks of SD's architectures, built offline by
+:mod:`repro.restart.sd_tiny` and named in the spec by special values: ``model_path = "random:tiny-sd"`` (a diffusers
+pipeline folder of SD v1.5's layout and scheduler config), ``clip_model = "random:tiny-clip"`` (a tiny open_clip ViT),
+``aesthetic_weights = "random:tiny-aesthetic"`` (the official head's layout on the tiny CLIP's features) and
+``captions`` / ``ref_stats = "random:tiny-coco"`` (a COCO-format file of 16 fixed captions and stats of deterministic
+noise images). Only the sizes change; the smoke numbers say nothing about Stable Diffusion.
 """
 
 from __future__ import annotations
@@ -346,25 +351,6 @@ def to_uint8_like_diffusers(x: torch.Tensor) -> torch.Tensor:
     return ((x.float() / 2 + 0.5).clamp(0, 1) * 255).round().to(torch.uint8)
 
 
-# ------------------------------------------------------------------------------------------- smoke eps model
-
-
-def tiny_eps_model(settings: dict[str, Any], device: Any) -> tuple[EpsFn, DiscreteSchedule, int]:
-    """An untrained tiny class-conditional SongUNet used as an eps predictor (smoke scale only)."""
-    from repro.restart import networks as N
-
-    res, ch, labels = int(settings.get("img_resolution", 28)), int(settings.get("img_channels", 1)), int(settings.get("label_dim", 10))
-    torch.manual_seed(int(settings.get("init_seed", 0)))
-    unet = N.SongUNet(**N.tiny_songunet_kwargs(res, ch, label_dim=labels)).to(device).eval().requires_grad_(False)
-    schedule = DiscreteSchedule.scaled_linear(set_alpha_to_one=False)  # SD v1.5's scheduler config
-
-    def eps_fn(x_in: torch.Tensor, t: float, cond: torch.Tensor) -> torch.Tensor:
-        noise_labels = torch.full((x_in.shape[0],), t / 1000.0, device=x_in.device)
-        return unet(x_in.float(), noise_labels, cond).to(x_in.dtype)
-
-    return eps_fn, schedule, labels
-
-
 # ------------------------------------------------------------------------------------------- paper-scale pieces
 
 
@@ -571,59 +557,50 @@ def plan_sd(cell: Any) -> dict[str, Any]:
     else:
         steps = int(p.get("steps", 0))
     n = int(cell.settings.get("num_samples", 5000))
-    ms = 60.0 if cell.scale == "paper" else 5.0  # per guided step per image (SD UNet on a GPU at 512^2 / tiny CPU net)
+    ms = 60.0 if cell.scale == "paper" else 5.0  # per guided step per image (SD UNet on a GPU at 512^2 / tiny random SD on a CPU)
     return {"samples": n, "nfe": 2 * steps, "steps": steps, "train_steps": 0, "est_seconds": round(n * steps * ms / 1000, 1)}
 
 
 @register_kind("restart.sd_fid_clip", plan=plan_sd,
-               description="Stable Diffusion v1.5 with DDIM/DDPM/Heun/Restart: FID-5k, CLIP and aesthetic score (smoke: tiny eps net)")
+               description="Stable Diffusion v1.5 with DDIM/DDPM/Heun/Restart: FID-5k, CLIP and aesthetic score (smoke: tiny random SD)")
 def run_sd_fid_clip(cell: Any, ctx: Any) -> dict[str, float]:
     from repro.metrics.image_metrics import extract, metrics_from_features
-    from repro.restart.image_experiments import reference_stats
+    from repro.restart import sd_tiny
+    from repro.restart.image_experiments import extractor_options, reference_stats
     from repro.restart.samplers import NoiseSource
 
-    params, settings = cell.params, cell.settings
+    params = cell.params
+    backend = cell.settings.get("model_backend", "diffusers")
+    if backend != "diffusers":  # the old "tiny-random" SongUNet backend is gone: smoke uses random:tiny-sd
+        raise ReproError(f"unknown model_backend {backend!r} (only 'diffusers'; tiny random networks: model_path = 'random:tiny-sd')")
+    settings, tiny = sd_tiny.resolve_tiny_settings(cell.settings, ctx)
+    if tiny:
+        ctx.record_extra("tiny_random", {**tiny, "note": "randomly initialised stand-ins of SD's networks (restart/sd_tiny.py): "
+                                                         "tests the code path; the numbers say nothing about Stable Diffusion"})
     num_samples = int(settings.get("num_samples", 5000))
     batch_size = int(settings.get("batch_size", 8))
-    backend = settings.get("model_backend", "tiny-random" if cell.scale == "smoke" else "diffusers")
     extractor = settings.get("extractor", "inception-fid-helper")
     sampler = params["sampler"]
     guidance = float(params["guidance"])
     seed_base = int(settings.get("seed_offset", 0)) + cell.seed * num_samples
-    clip = aesthetic = None
+    aesthetic = None
 
-    if backend == "tiny-random":
-        eps_fn, schedule, label_dim = tiny_eps_model(settings, ctx.device)
-        shape = (int(settings.get("img_channels", 1)), int(settings.get("img_resolution", 28)), int(settings.get("img_resolution", 28)))
+    pipe = load_sd(settings, ctx.device)
+    captions = load_captions(settings.get("captions", ""), n=num_samples, subset_size=int(settings.get("caption_subset", 5000)))
+    if len(captions) < num_samples:
+        raise ReproError(f"{len(captions)} captions for {num_samples} samples")
+    schedule = DiscreteSchedule.from_diffusers(pipe.scheduler)
+    shape = (int(pipe.unet.config.in_channels), int(pipe.unet.config.sample_size), int(pipe.unet.config.sample_size))
+    clip = load_clip(settings, ctx.device)
+    if settings.get("aesthetic_weights"):
+        aesthetic = load_aesthetic(settings, ctx.device)
+    ctx.record_extra("scheduler", {"class": type(pipe.scheduler).__name__, "steps_offset": schedule.steps_offset,
+                                   "final_alpha_cumprod": schedule.final_alpha_cumprod, "latent_shape": list(shape)})
+    eps_fn = sd_eps_fn(pipe, ctx.device)
 
-        def conditions(idx: np.ndarray):
-            cond = torch.eye(label_dim, device=ctx.device)[torch.as_tensor(idx % label_dim)]
-            return cond, torch.zeros_like(cond), None
-
-        decode = lambda x: x  # noqa: E731 - the tiny model works in pixel space
-        ctx.record_extra("note", "smoke: untrained tiny class-conditional SongUNet as eps model; tests the sampling loop only, not Stable Diffusion")
-    elif backend == "diffusers":
-        pipe = load_sd(settings, ctx.device)
-        captions = load_captions(settings.get("captions", ""), n=num_samples, subset_size=int(settings.get("caption_subset", 5000)))
-        if len(captions) < num_samples:
-            raise ReproError(f"{len(captions)} captions for {num_samples} samples")
-        schedule = DiscreteSchedule.from_diffusers(pipe.scheduler)
-        shape = (int(pipe.unet.config.in_channels), int(pipe.unet.config.sample_size), int(pipe.unet.config.sample_size))
-        clip = load_clip(settings, ctx.device)
-        if settings.get("aesthetic_weights"):
-            aesthetic = load_aesthetic(settings, ctx.device)
-        ctx.record_extra("scheduler", {"class": type(pipe.scheduler).__name__, "steps_offset": schedule.steps_offset,
-                                       "final_alpha_cumprod": schedule.final_alpha_cumprod, "latent_shape": list(shape)})
-
-        eps_fn = sd_eps_fn(pipe, ctx.device)
-
-        def conditions(idx: np.ndarray):
-            texts = [captions[int(i)] for i in idx]
-            return sd_encode(pipe, texts, ctx.device), sd_encode(pipe, [""] * len(texts), ctx.device), texts
-
-        decode = lambda x: sd_decode(pipe, x)  # noqa: E731
-    else:
-        raise ReproError(f"unknown model_backend {backend!r} (diffusers | tiny-random)")
+    def conditions(idx: np.ndarray):
+        texts = [captions[int(i)] for i in idx]
+        return sd_encode(pipe, texts, ctx.device), sd_encode(pipe, [""] * len(texts), ctx.device), texts
 
     def shard(indices: np.ndarray) -> dict[str, np.ndarray]:
         out: dict[str, list[np.ndarray]] = {}
@@ -635,13 +612,12 @@ def run_sd_fid_clip(cell: Any, ctx: Any) -> dict[str, float]:
                 cond, uncond, texts = conditions(idx)
                 den = CFGDenoiser(eps_fn, schedule, cond, uncond, guidance)
                 x, steps, expected = run_sampler(sampler, params, den, schedule, x_unit, noise)
-                images = to_uint8_like_diffusers(decode(x))
+                images = to_uint8_like_diffusers(sd_decode(pipe, x))
             if steps != expected or den.model_evals != 2 * steps:
                 raise ReproError(f"{sampler}: took {steps} steps / {den.model_evals} evaluations, expected {expected} / {2 * expected}")
-            out.setdefault("pool", []).append(extract(images, extractor, ctx.device)["pool"])
+            out.setdefault("pool", []).append(extract(images, extractor, ctx.device, **extractor_options(extractor, ctx))["pool"])
             out.setdefault("steps", []).append(np.full(len(idx), steps))
-            if clip is not None:
-                out.setdefault("clip", []).append(clip_scores(clip, images, texts, ctx.device))
+            out.setdefault("clip", []).append(clip_scores(clip, images, texts, ctx.device))
             if aesthetic is not None:
                 out.setdefault("aesthetic", []).append(aesthetic_scores(aesthetic, images, ctx.device))
         return {k: np.concatenate(v) for k, v in out.items()}
@@ -655,12 +631,14 @@ def run_sd_fid_clip(cell: Any, ctx: Any) -> dict[str, float]:
     ctx.record_extra("sampler", {"name": sampler, "guidance": guidance, "steps": int(steps[0]),
                                  "restart_config": _restart_config(params) if sampler == "restart" else None,
                                  "backend": backend})
-    ref = reference_stats(extractor, settings, ctx)
-    metrics = {"fid_5k": metrics_from_features({"pool": feats["pool"]}, ref, metrics=["fid"])["fid"]}
-    if "clip" in feats:
-        metrics["clip_score"] = float(np.mean(feats["clip"]))
+    if settings.get("ref_stats") == "random:tiny-coco":
+        ref = sd_tiny.tiny_reference_stats(extractor, ctx)
+    else:
+        ref = reference_stats(extractor, settings, ctx)
+    metrics = {"fid_5k": metrics_from_features({"pool": feats["pool"]}, ref, metrics=["fid"])["fid"],
+               "clip_score": float(np.mean(feats["clip"]))}
     if "aesthetic" in feats:
         metrics["aesthetic"] = float(np.mean(feats["aesthetic"]))
-    elif backend == "diffusers":
+    else:
         ctx.record_extra("aesthetic", "not computed: settings.aesthetic_weights is not set")
     return metrics

@@ -8,7 +8,6 @@ official fork's Restart block (Newbeeer/diffusion_restart_sampling, diffuser/...
 
 from __future__ import annotations
 
-import gzip
 import json
 import math
 from pathlib import Path
@@ -19,6 +18,7 @@ import torch
 
 from repro.errors import MissingResource, ReproError
 from repro.restart import sd_experiments as SD
+from repro.restart import sd_tiny as T
 from repro.restart.samplers import NoiseSource
 
 diffusers = pytest.importorskip("diffusers")
@@ -26,53 +26,12 @@ pytest.importorskip("transformers")
 open_clip = pytest.importorskip("open_clip")
 
 PROMPTS = ["a photo of a cat sitting on a red sofa", "two buses parked next to a tall building"]
-SD15_SCHEDULER = dict(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", num_train_timesteps=1000,
-                      set_alpha_to_one=False, skip_prk_steps=True, steps_offset=1, clip_sample=False, trained_betas=None)
-# A tiny open_clip config (ViT-g-14 is embed 1024 / 40 layers; this keeps its tokenizer and 77-token context).
-TINY_CLIP = {"embed_dim": 32, "vision_cfg": {"image_size": 32, "layers": 1, "width": 32, "head_width": 16, "patch_size": 8},
-             "text_cfg": {"context_length": 77, "vocab_size": 49408, "width": 32, "heads": 2, "layers": 1}}
-
-
-def _clip_tokenizer_files(folder: Path) -> tuple[Path, Path]:
-    """vocab.json / merges.txt of the CLIP BPE tokenizer (SD v1.5's), rebuilt offline from the BPE merges that
-    open_clip ships: byte symbols, their end-of-word forms, one token per merge, then the two special tokens."""
-    from open_clip.tokenizer import bytes_to_unicode, default_bpe
-
-    merges = gzip.open(default_bpe()).read().decode("utf-8").split("\n")[1 : 49152 - 256 - 2 + 1]
-    symbols = list(bytes_to_unicode().values())
-    vocab = symbols + [s + "</w>" for s in symbols] + ["".join(m.split()) for m in merges] + ["<|startoftext|>", "<|endoftext|>"]
-    folder.mkdir(parents=True, exist_ok=True)
-    (folder / "vocab.json").write_text(json.dumps({tok: i for i, tok in enumerate(vocab)}))
-    (folder / "merges.txt").write_text("#version: 0.2\n" + "\n".join(merges) + "\n")
-    return folder / "vocab.json", folder / "merges.txt"
-
-
-def build_tiny_sd(root: Path) -> Path:
-    from diffusers import AutoencoderKL, PNDMScheduler, StableDiffusionPipeline, UNet2DConditionModel
-    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
-
-    vocab, merges = _clip_tokenizer_files(root / "tokenizer-src")
-    tokenizer = CLIPTokenizer(str(vocab), str(merges), model_max_length=77, pad_token="<|endoftext|>")
-    torch.manual_seed(0)
-    text_encoder = CLIPTextModel(CLIPTextConfig(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=37, num_attention_heads=4,
-                                                num_hidden_layers=2, max_position_embeddings=77, projection_dim=32,
-                                                bos_token_id=49406, eos_token_id=49407, pad_token_id=49407))
-    unet = UNet2DConditionModel(sample_size=16, in_channels=4, out_channels=4, layers_per_block=1, block_out_channels=(32, 64),
-                                down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
-                                cross_attention_dim=32, attention_head_dim=8, norm_num_groups=32)
-    vae = AutoencoderKL(in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2,
-                        block_out_channels=(32, 32), layers_per_block=1, latent_channels=4, norm_num_groups=32, sample_size=32)
-    pipe = StableDiffusionPipeline(vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet,
-                                   scheduler=PNDMScheduler.from_config(SD15_SCHEDULER), safety_checker=None,
-                                   feature_extractor=None, requires_safety_checker=False)
-    pipe.save_pretrained(root / "sd")
-    return root / "sd"
+SD15_SCHEDULER = T.SD15_SCHEDULER
 
 
 @pytest.fixture(scope="module")
 def tiny_sd(tmp_path_factory) -> Path:
-    with torch.random.fork_rng():
-        return build_tiny_sd(tmp_path_factory.mktemp("tiny-sd"))
+    return T.build_tiny_sd(tmp_path_factory.mktemp("tiny-sd"))  # the package's builder (the smoke scale's random:tiny-sd)
 
 
 @pytest.fixture(scope="module")
@@ -296,20 +255,8 @@ def test_paper_restart_grids_and_step_counts() -> None:
 # ------------------------------------------------------------------------------------ CLIP and aesthetic scores
 
 
-def _tiny_clip(tmp_path: Path, name: str = "tiny-clip-test") -> tuple[Path, Path]:
-    config = tmp_path / f"{name}.json"
-    config.write_text(json.dumps(TINY_CLIP))
-    open_clip.add_model_config(str(config))
-    with torch.random.fork_rng():
-        torch.manual_seed(1)
-        model = open_clip.create_model(name, pretrained=None)
-    weights = tmp_path / f"{name}.pt"
-    torch.save(model.state_dict(), weights)
-    return config, weights
-
-
 def test_clip_score_is_the_mean_cosine_of_open_clip_features(tmp_path: Path) -> None:
-    config, weights = _tiny_clip(tmp_path)
+    config, weights = T.build_tiny_clip(tmp_path, "tiny-clip-test")
     clip = SD.load_clip({"clip_model": str(config), "clip_pretrained": str(weights)}, "cpu")
     model, preprocess, tokenizer = clip
     ref_model = open_clip.create_model(config.stem, pretrained=None)
@@ -331,11 +278,10 @@ def test_aesthetic_mlp_layout_and_scores(tmp_path: Path) -> None:
     assert shapes == {"layers.0.weight": (1024, 768), "layers.0.bias": (1024,), "layers.2.weight": (128, 1024), "layers.2.bias": (128,),
                       "layers.4.weight": (64, 128), "layers.4.bias": (64,), "layers.6.weight": (16, 64), "layers.6.bias": (16,),
                       "layers.7.weight": (1, 16), "layers.7.bias": (1,)}  # the keys of sac+logos+ava1-l14-linearMSE.pth
-    g = torch.Generator().manual_seed(0)
-    state = {k: torch.randn(s, generator=g) * 0.1 for k, s in shapes.items()}
-    torch.save(state, tmp_path / "aes.pth")
+    state = torch.load(T.build_tiny_aesthetic(tmp_path / "aes.pth", input_size=768), weights_only=True)  # the package's random head
+    assert {k: tuple(v.shape) for k, v in state.items()} == shapes and all(v.std() > 0.05 for k, v in state.items() if v.numel() > 1)
     mlp = SD.AestheticMLP.load(tmp_path / "aes.pth")
-    feats = torch.randn(4, 768, generator=g) * 3
+    feats = torch.randn(4, 768, generator=torch.Generator().manual_seed(0)) * 3
     feats[3] = 0
     h = feats / torch.where(feats.norm(dim=-1, keepdim=True) == 0, 1.0, feats.norm(dim=-1, keepdim=True))
     for i in (0, 2, 4, 6, 7):  # no activations in the official head (its ReLUs are commented out)
@@ -394,18 +340,23 @@ class _Pixels:
         return {"extractor": self.name}
 
 
-def test_end_to_end_on_the_tiny_pipeline(tmp_path: Path, tiny_sd: Path) -> None:
+def _register_pixels() -> None:
     from repro.metrics.extractors import EXTRACTORS, ExtractorSpec
-    from repro.metrics.image_metrics import extract
-    from repro.runner import run_cell
-    from repro.spec import Cell
 
     if "test-sd-pixels" not in EXTRACTORS:
         EXTRACTORS.register("test-sd-pixels", ExtractorSpec("test-sd-pixels", lambda device="cpu", **kw: _Pixels(device, **kw), ("pool",)))
 
-    config, weights = _tiny_clip(tmp_path, "tiny-clip-e2e")
+
+def test_end_to_end_on_the_tiny_pipeline(tmp_path: Path, tiny_sd: Path) -> None:
+    from repro.metrics.image_metrics import extract
+    from repro.runner import run_cell
+    from repro.spec import Cell
+
+    _register_pixels()
+
+    config, weights = T.build_tiny_clip(tmp_path, "tiny-clip-e2e")
+    T.build_tiny_aesthetic(tmp_path / "aes.pth")
     g = torch.Generator().manual_seed(0)
-    torch.save({k: torch.randn(v.shape, generator=g) * 0.1 for k, v in SD.AestheticMLP(32).state_dict().items()}, tmp_path / "aes.pth")
     images = [{"id": i, "file_name": f"{i}.jpg"} for i in range(1, 7)]
     captions = ["a dog on a beach", "a plate of food", "a man riding a bike", "a clock tower", "two cats", "a red kite in the sky"]
     coco = {"images": images, "annotations": [{"id": i, "image_id": i, "caption": c} for i, c in zip(range(1, 7), captions)]}
@@ -425,3 +376,43 @@ def test_end_to_end_on_the_tiny_pipeline(tmp_path: Path, tiny_sd: Path) -> None:
     assert metrics["fid_5k"] > 0 and -1 <= metrics["clip_score"] <= 1
     # 6 DDIM steps + one restart pass of 2 Heun steps and a last Euler step (t_min 0.1 lands on timestep 1).
     assert record["extra"]["sampler"]["steps"] == 9 and record["extra"]["scheduler"]["steps_offset"] == 1
+
+
+def test_random_stand_ins_run_the_paper_path_and_are_built_once(tmp_path: Path, tiny_sd: Path) -> None:
+    """The smoke scale's special values: the same kind on the package's tiny builders, each built once per cache."""
+    import hashlib
+
+    from repro.runner import run_cell
+    from repro.spec import Cell
+
+    _register_pixels()
+    # The paper's model names stay in the merged settings; the stand-ins must override them.
+    settings = {"model_path": "random:tiny-sd", "clip_model": "random:tiny-clip", "clip_pretrained": "laion2b_s12b_b42k",
+                "aesthetic_weights": "random:tiny-aesthetic", "aesthetic_clip_model": "ViT-L-14-quickgelu", "aesthetic_clip_pretrained": "openai",
+                "captions": "random:tiny-coco", "caption_subset": len(T.TINY_CAPTIONS), "ref_stats": "random:tiny-coco",
+                "extractor": "test-sd-pixels", "num_samples": 2, "batch_size": 2, "shard_size": 2}
+    cache = tmp_path / "cache"
+
+    def run(params: dict, **override) -> dict:
+        cell = Cell("restart.sd", "test", "restart.sd_fid_clip", params, 0, dict(settings, **override))
+        return run_cell(cell, "spechash", results_dir=tmp_path / "results", cache_dir=cache, show_progress=False)
+
+    records = [run({"sampler": "ddim", "guidance": 3, "steps": 3}), run({"sampler": "restart", "guidance": 3, "n_main": 6, "intervals": [[3, 1, 0.1, 2.0]]})]
+    for rec in records:
+        assert rec["status"] == "ok", rec["error"]
+        assert set(rec["metrics"]) == {"fid_5k", "clip_score", "aesthetic"} and all(math.isfinite(v) for v in rec["metrics"].values())
+        assert rec["extra"]["tiny_random"]["aesthetic_clip_model"] == "random:tiny-clip"
+    assert [r["extra"]["sampler"]["steps"] for r in records] == [3, 9]
+    for name in ("sd", "clip", "aesthetic", "coco", "ref"):  # the second cell reused every folder the first one built
+        assert len(list((cache / f"restart-sd-tiny-{name}").iterdir())) == 1, name
+    # Deterministic: the cached folder holds the same U-Net weights as the fixture's independent build.
+    unet = "unet/diffusion_pytorch_model.safetensors"
+    assert records[1]["provenance"]["files"][f"tiny-sd/{unet}"]["sha256"] == hashlib.sha256((tiny_sd / unet).read_bytes()).hexdigest()
+    (coco,) = (cache / "restart-sd-tiny-coco").iterdir()
+    assert sorted(SD.load_captions(coco / "captions_val2014.json", n=16, subset_size=16)) == sorted(T.TINY_CAPTIONS)
+    (ref,) = (cache / "restart-sd-tiny-ref").iterdir()
+    assert int(np.load(ref / "stats.npz")["n"]) == len(T.TINY_CAPTIONS)
+    bad = run({"sampler": "ddim", "guidance": 3, "steps": 3}, clip_model="random:tiny-vit")
+    assert bad["status"] != "ok" and "not a known tiny stand-in" in bad["error"]
+    old = run({"sampler": "ddim", "guidance": 3, "steps": 3}, model_backend="tiny-random")
+    assert old["status"] != "ok" and "unknown model_backend" in old["error"]
