@@ -125,6 +125,36 @@ def check_torchrun(device: torch.device) -> str:
     return f"torchrun {nproc} process(es) with {backend}: restart.toy smoke (seed 0) in {took:.1f} s"
 
 
+def check_smoke_on_device(device: torch.device, table: str, only: str | None = None) -> str:
+    """A smoke table (tiny random networks, the paper code path) run on ``device``; reports the largest relative
+    metric difference from the committed CPU baselines (informative: GPU kernels round differently)."""
+    import json
+
+    root = Path(__file__).resolve().parent.parent
+    with tempfile.TemporaryDirectory() as tmp:
+        cmd = [sys.executable, "-m", "repro", "run", table, "--scale", "smoke", "--results", tmp, "--no-progress", "--device", device.type]
+        if only:
+            cmd += ["--only", only]
+        start = time.perf_counter()
+        proc = subprocess.run(cmd, cwd=root, capture_output=True, text=True, timeout=900)
+        took = time.perf_counter() - start
+        if proc.returncode != 0:
+            raise RuntimeError(proc.stderr[-2000:])
+        worst, n = 0.0, 0
+        for path in Path(tmp, table, "smoke").glob("*.json"):
+            record = json.loads(path.read_text())
+            if record["status"] != "ok":
+                raise RuntimeError(f"{path.name}: {record['error']}")
+            baseline = root / "results" / table / "smoke" / path.name
+            if baseline.is_file():
+                base = json.loads(baseline.read_text())["metrics"] or {}
+                for key, value in record["metrics"].items():
+                    if key in base and base[key]:
+                        worst = max(worst, abs(value - base[key]) / abs(base[key]))
+                        n += 1
+    return f"{table} smoke{' (' + only + ')' if only else ''} on {device.type} in {took:.1f} s; max relative difference from the CPU baselines over {n} metrics: {worst:.2e}"
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -153,6 +183,8 @@ def main(argv: list[str] | None = None) -> int:
         "inception": lambda: check_inception(device, batches[2]),
         "fista": lambda: check_fista(device, *fista_shape),
         "torchrun": lambda: check_torchrun(device),
+        "pfgmpp_smoke": lambda: check_smoke_on_device(device, "restart.table3", only="pfgmpp"),
+        "sd_smoke": lambda: check_smoke_on_device(device, "restart.sd"),
     }
     if os.environ.get("REPRO_GPU_CHECK_SKIP"):
         args.skip += os.environ["REPRO_GPU_CHECK_SKIP"].split(",")

@@ -4,6 +4,8 @@ from repro.gpu_check import main
 
 
 def test_gpu_check_quick_on_cpu(capsys):
-    assert main(["--device", "cpu", "--quick", "--skip", "torchrun", "inception"]) == 0
+    # sd_smoke runs the same subprocess path as pfgmpp_smoke; the smoke regression test covers its numbers.
+    assert main(["--device", "cpu", "--quick", "--skip", "torchrun", "inception", "sd_smoke"]) == 0
     out = capsys.readouterr().out
     assert "ok   samplers: Heun 18 steps NFE 35" in out and "Restart (VP, NFE 43) NFE 43" in out
+    assert "ok   pfgmpp_smoke: restart.table3 smoke (pfgmpp) on cpu" in out and "over 2 metrics" in out
