@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import math
 import os
+import re
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
@@ -257,7 +258,13 @@ def render_table(spec: Spec, results_dir: Path, out_dir: Path, paper_tables: Pat
         elif scale in spec.scales:
             lines += [f"## Scale `{scale}`", "", f"NOT RUN: no results under `{results_dir}`. Run `repro run {spec.id} --scale {scale}`.", ""]
     out_dir.mkdir(parents=True, exist_ok=True)
-    (out_dir / f"{spec.id}.md").write_text("\n".join(lines).rstrip() + "\n")
+    text = "\n".join(lines).rstrip() + "\n"
+    (out_dir / f"{spec.id}.md").write_text(text)
+    # Plots this report no longer links (a plot removed or renumbered in the spec) would linger as stale files.
+    linked = set(re.findall(r"\(plots/([^)]+\.png)\)", text))
+    for old in (out_dir / "plots").glob(f"{spec.id}-*.png"):
+        if old.name not in linked:
+            old.unlink()
     return summary
 
 

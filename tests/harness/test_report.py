@@ -99,6 +99,12 @@ def test_report_compares_published_and_checks_claims(report_env):
     assert summary["claims"] == {"paper": {"holds": 1, "fails": 1}, "smoke": {"holds": 1, "fails": 1}}, "claims are checked at every scale with results"
     assert (out / "plots" / "test.tbl-smoke-0.png").stat().st_size > 1000
     assert "](plots/test.tbl-smoke-0.png)" in text
+    # A plot the report no longer links (e.g. removed from the spec) is deleted; other tables' plots stay.
+    (out / "plots" / "test.tbl-smoke-7.png").write_bytes(b"stale")
+    (out / "plots" / "test.tbl2-smoke-0.png").write_bytes(b"other table")
+    render_table(spec, results, out, tables)
+    assert not (out / "plots" / "test.tbl-smoke-7.png").exists() and (out / "plots" / "test.tbl2-smoke-0.png").exists()
+    assert (out / "plots" / "test.tbl-smoke-0.png").exists()
     index = render_index([summary], out).read_text()
     assert "[test.tbl](test.tbl.md)" in index and "PASS 1, FAIL 1, NOT RUN 1" in index and "smoke: holds 1, fails 1; paper: holds 1, fails 1" in index
 
