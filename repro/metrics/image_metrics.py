@@ -80,16 +80,24 @@ def extractor_provenance(extractor: str, device: torch.device | str = "cpu", **o
     return get_extractor(extractor, device=device, **options).provenance()
 
 
-def reference_stats_from_images(
+def pool_features_from_images(
     images: torch.Tensor, extractor: str, device: torch.device | str = "cpu", batch_size: int = 100, progress: bool = False, **options: Any
-) -> RefStats:
-    """Mean/covariance of the ``pool`` features of uint8 images, tagged with the extractor name."""
+) -> np.ndarray:
+    """``pool`` features of uint8 images, extracted in batches (with a progress bar when asked)."""
     from tqdm.auto import tqdm
 
     chunks = []
     for start in tqdm(range(0, len(images), batch_size), desc=f"ref stats ({extractor})", disable=not progress):
         chunks.append(extract(images[start : start + batch_size], extractor, device, **options)["pool"])
-    return RefStats.from_features(np.concatenate(chunks), source=f"images(n={len(images)})", extractor=extractor)
+    return np.concatenate(chunks)
+
+
+def reference_stats_from_images(
+    images: torch.Tensor, extractor: str, device: torch.device | str = "cpu", batch_size: int = 100, progress: bool = False, **options: Any
+) -> RefStats:
+    """Mean/covariance of the ``pool`` features of uint8 images, tagged with the extractor name."""
+    feats = pool_features_from_images(images, extractor, device, batch_size, progress, **options)
+    return RefStats.from_features(feats, source=f"images(n={len(images)})", extractor=extractor)
 
 
 def reference_features(

@@ -51,6 +51,8 @@ class RefStats:
     source: str = ""
     extractor: str | None = None
     images: np.ndarray | None = field(default=None, repr=False)
+    # Where the reference features themselves are stored, when they are (dataset references: KID needs them).
+    features_path: Path | None = field(default=None, repr=False)
 
     def __post_init__(self) -> None:
         self.mu = np.asarray(self.mu, dtype=np.float64).reshape(-1)

@@ -351,7 +351,7 @@ def dataset_reference_stats(source: str, extractor: str, settings: dict[str, Any
     if variant not in ("mnist", "fashion") or split not in ("train", "test"):
         raise ReproError(f"unknown reference dataset '{source}' (use dataset:mnist-test, dataset:fashion-train, ...)")
     limit = per_extractor(settings.get("ref_limit"), extractor)
-    from repro.metrics.image_metrics import extract, extractor_provenance
+    from repro.metrics.image_metrics import extractor_provenance, pool_features_from_images
 
     # The extractor's provenance (weights hash / classifier config) is part of the key: new weights, new stats.
     # format 2 also keeps the reference features (features.npy), which KID needs.
@@ -359,20 +359,16 @@ def dataset_reference_stats(source: str, extractor: str, settings: dict[str, Any
            "extractor_provenance": extractor_provenance(extractor, ctx.device, **extractor_options(extractor, ctx))}
 
     def build(folder: Path) -> None:
-        from tqdm.auto import tqdm
-
         images, _ = load_mnist(split, variant=variant)
         if limit:
             images = images[: int(limit)]
-        chunks = [extract(images[i : i + 100], extractor, ctx.device, **extractor_options(extractor, ctx))["pool"]
-                  for i in tqdm(range(0, len(images), 100), desc=f"ref stats ({extractor})", disable=ctx.rank != 0)]
-        feats = np.concatenate(chunks)
+        feats = pool_features_from_images(images, extractor, ctx.device, progress=ctx.rank == 0, **extractor_options(extractor, ctx))
         np.save(folder / "features.npy", feats.astype(np.float32))
         RefStats.from_features(feats, source=f"{source} (n={len(images)})", extractor=extractor).save(folder / "stats.npz")
 
     folder = ctx.cached_artifact("restart-refstats", key, build)
     stats = load_reference_stats(folder / "stats.npz")
-    stats.features_path = folder / "features.npy"  # for KID (dataset references only)
+    stats.features_path = folder / "features.npy"
     return stats
 
 
@@ -555,7 +551,7 @@ def run_image_fid(cell: Any, ctx: Any) -> dict[str, float]:
         values = metrics_from_features(ex_feats, ref, metrics=wanted, backend=backend)
         if ex in kid_extractors:
             # KID is unbiased in the sample count, so it stays meaningful when a limit leaves few images.
-            ref_path = getattr(ref, "features_path", None)
+            ref_path = ref.features_path
             if ref_path is None or not Path(ref_path).is_file():
                 raise ReproError(f"KID for {ex} needs reference features: use a dataset:... reference (ref_stats)")
             kid = metrics_from_features({"pool": ex_feats["pool"]}, {"pool": np.load(ref_path)}, metrics=["kid"], backend=backend)

@@ -112,9 +112,6 @@ def load_training_data(config: dict[str, Any]) -> tuple[torch.Tensor, torch.Tens
     return images.float().contiguous(), torch.as_tensor(np.asarray(labels)).long()
 
 
-def load_training_images(config: dict[str, Any]) -> torch.Tensor:
-    return load_training_data(config)[0]
-
 
 def edm_loss(net: torch.nn.Module, images: torch.Tensor, generator: torch.Generator, config: dict[str, Any],
              class_labels: torch.Tensor | None = None) -> torch.Tensor:
